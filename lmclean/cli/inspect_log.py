@@ -1,0 +1,74 @@
+"""`lmclean inspect-log`: what a trajectory store holds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.table import Table
+
+from lmclean.cli._app import handle_errors, out, print_json
+from lmclean.errors import DataError
+from lmclean.store.reader import TrajectoryStore
+from lmclean.store.summary import sample_report, step_report, summarize
+
+
+@handle_errors
+def inspect_log(
+    store: Annotated[Path, typer.Argument(help="Store directory written by `lmclean record`.")],
+    sample: Annotated[Optional[int], typer.Option("--sample", help="Show the steps and batch positions where this sample id was seen.")] = None,
+    step: Annotated[Optional[int], typer.Option("--step", help="Show one step: lr, loss, gradient norm, sample ids.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print everything as JSON on stdout.")] = False,
+) -> None:
+    """Summarise a store: model, steps, schedule, checkpoints, samples, bytes and compression."""
+    s = TrajectoryStore(store)
+    data: dict[str, Any] = summarize(s)
+    if sample is not None:
+        if sample not in s.sample_fingerprints:
+            raise DataError(f"sample id {sample} is not in store {store}; list ids with `lmclean inspect-log {store} --json`")
+        data["sample"] = sample_report(s, sample)
+    if step is not None:
+        data["step"] = step_report(s, step)
+    if json_out:
+        print_json(data)
+        return
+    _render(data)
+
+
+def _render(d: dict[str, Any]) -> None:
+    m, st, b = d["model"], d["steps"], d["bytes"]
+    table = Table(title=f"lmclean store {d['store']}", show_header=False, title_justify="left")
+    table.add_column(style="bold cyan")
+    table.add_column()
+    opt = d["optimizer"]
+    opt_text = ", ".join(f"{k}={v}" for k, v in opt.items() if k != "name")
+    rows = [
+        ("format", f"v{d['format_version']} (lmclean {d['lmclean_version']}), created {d['created']}"),
+        ("model", f"{m['model_type']} hidden {m['hidden_size']} layers {m['layers']}: {m['parameters']:,} parameters in {m['tensors']} tensors"),
+        ("optimizer", f"{opt['name']} ({opt_text}), schedule {d['schedule']}"),
+        ("steps", f"{st['committed']} committed of {st['planned']} planned ({'complete' if st['closed'] else 'incomplete: resume with record --resume'}), "
+                  f"{st['epochs']} epochs, batch {st['batch_size']}"),
+        ("lr", f"{d['lr']['min']:.3g} .. {d['lr']['max']:.3g}" if d["lr"]["min"] is not None else "-"),
+        ("loss", f"{d['loss']['first']:.4f} -> {d['loss']['last']:.4f}  {d['loss']['sparkline']}" if d["loss"]["first"] is not None else "-"),
+        ("checkpoints", f"{len(d['checkpoints'])} at steps {_short(d['checkpoints'])}"),
+        ("samples", f"{d['samples']['in_dataset']} in data set, {d['samples']['seen']} seen, {d['samples']['excluded']} excluded"),
+        ("gradients", f"{d['precision']} / {d['codec']}: {b['gradients_on_disk'] / 1e6:.1f} MB on disk vs {b['gradients_raw_fp32'] / 1e6:.1f} MB raw fp32 "
+                      f"= {b['compression_vs_fp32']}x, {b['bytes_per_param_per_step']} bytes/param/step"),
+        ("on disk", f"{b['on_disk'] / 1e6:.1f} MB in total"),
+    ]
+    for key, value in rows:
+        table.add_row(key, value)
+    out.print(table)
+    if "sample" in d:
+        occ = d["sample"]["occurrences"]
+        out.print(f"sample {d['sample']['sample_id']} (fingerprint {str(d['sample']['fingerprint'])[:16]}…) seen {len(occ)} times: "
+                  + ", ".join(f"step {o['step']} pos {o['position']}" for o in occ))
+    if "step" in d:
+        s = d["step"]
+        out.print(f"step {s['step']}: lr {s['lr']:.4g}, loss {s['loss']:.4f}, |g| {s['grad_norm']:.4g}, "
+                  f"{s['tokens']} tokens, samples {s['sample_ids']}")
+
+
+def _short(values: list[int]) -> str:
+    return ", ".join(map(str, values)) if len(values) <= 8 else ", ".join(map(str, values[:4])) + ", …, " + ", ".join(map(str, values[-2:]))

@@ -1,0 +1,73 @@
+"""`lmclean record`: train a causal LM from a YAML config and record its trajectory."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from lmclean import config as config_mod
+from lmclean.cli._app import err, handle_errors, print_json, progress_bar
+from lmclean.train.data import parse_id_spec
+from lmclean.train.trainer import train
+
+DEFAULT_CONFIG = Path("examples/tiny.yaml")
+
+
+@handle_errors
+def record(
+    config: Annotated[Optional[Path], typer.Argument(help="YAML config (default: examples/tiny.yaml if present, else built-in defaults).")] = None,
+    store: Annotated[Path, typer.Option("--store", "-s", help="Store directory to create (Zarr v3).")] = Path("runs/tiny.zarr"),
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key, e.g. --set train.lr=0.1 (repeatable).")] = None,
+    exclude: Annotated[Optional[str], typer.Option(help="Train without these sample ids (3,5,60-79 or @file): the exact-retraining reference.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted store from its last checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing store at --store.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
+    show_config: Annotated[bool, typer.Option(help="Print every config key with its default and help, then exit.")] = False,
+) -> None:
+    """Train (or fine-tune) a Hugging Face causal LM and record its trajectory.
+
+    The store holds per-step gradients, learning rates, batch ids, weights and tokens, plus
+    periodic checkpoints, so that any sample can later be unlearned and the run replayed exactly.
+    """
+    if show_config:
+        for key, default, help_text in config_mod.help_table():
+            typer.echo(f"{key:28s} {default:24s} {help_text}")
+        return
+    if config is None and DEFAULT_CONFIG.exists():
+        config = DEFAULT_CONFIG
+    cfg = config_mod.load(config, set_ or [])
+    excluded = parse_id_spec(exclude) if exclude else []
+    base = config.parent if config else None
+    err.print(f"recording to [bold]{store}[/] ({'resume' if resume else 'new'}; config {config or 'defaults'}"
+              f"{f'; excluding {len(excluded)} samples' if excluded else ''})")
+    started = time.perf_counter()
+    with progress_bar("train", total=1, fields="loss {task.fields[loss]:.4f} lr {task.fields[lr]:.2e} {task.fields[rate]:.1f} steps/s",
+                      enabled=not json_out) as advance:
+        state = {"t0": None, "n": 0, "total_set": False}
+
+        def on_step(t: int, total: int, loss: float, lr: float) -> None:
+            if state["t0"] is None:
+                state["t0"] = time.perf_counter()
+            state["n"] += 1
+            rate = state["n"] / max(1e-9, time.perf_counter() - state["t0"])
+            advance(1, loss=loss, lr=lr, rate=rate, total=total, completed=t + 1)
+
+        result = train(cfg, store, exclude=excluded, resume=resume, overwrite=overwrite, base=base, on_step=on_step)
+    stats = result.stats
+    summary = {
+        "store": str(result.store), "steps": result.steps, "resumed_from": result.start_step if resume else None,
+        "final_loss": result.final_loss, "train_seconds": round(result.seconds, 2),
+        "wall_seconds": round(time.perf_counter() - started, 2), "excluded": len(excluded),
+        "bytes_on_disk": stats.bytes_on_disk if stats else None,
+        "grad_compression": round(stats.bytes_raw_grads / max(1, stats.grad_bytes_on_disk), 3) if stats else None,
+        "model_dir": str(result.model_dir) if result.model_dir else None,
+    }
+    if json_out:
+        print_json(summary)
+        return
+    err.print(f"[green]recorded[/] {summary['steps']} steps in {summary['train_seconds']} s, final loss "
+              f"{summary['final_loss']:.4f}; store {summary['bytes_on_disk'] / 1e6:.1f} MB, gradients compressed "
+              f"{summary['grad_compression']}x; model saved to {summary['model_dir']}")

@@ -1,0 +1,80 @@
+"""Curvature-vector products over parameter dicts: pure functions, no I/O.
+
+Every product takes an ``Objective`` (the recorded batch loss split at the network outputs), the
+parameters θ[t] at which to evaluate the curvature, and a vector with the parameters' keys and shapes.
+``PRODUCTS`` maps the config names to those functions so callers dispatch through one dict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from lmclean.curvature._tree import (
+    as_flat_matvec,
+    flatten,
+    tree_add,
+    tree_axpy,
+    tree_dot,
+    tree_norm,
+    tree_scale,
+    tree_zeros_like,
+    unflatten,
+)
+from lmclean.curvature.diag import (
+    diag_vp,
+    ggn_diagonal_hutchinson,
+    hessian_diagonal_hutchinson,
+    hutchinson_diagonal,
+    rademacher_like,
+)
+from lmclean.curvature.exact import hvp, make_hvp
+from lmclean.curvature.fisher import fisher_vp, fisher_vp_at
+from lmclean.curvature.ggn import ggn_vp, ggn_vp_batched
+from lmclean.curvature.lowrank import LowRankCurvature, top_eigenpairs
+from lmclean.errors import ConfigError
+from lmclean.objective import Objective, Params
+
+__all__ = [
+    "PRODUCTS",
+    "CurvatureProduct",
+    "LowRankCurvature",
+    "as_flat_matvec",
+    "diag_vp",
+    "fisher_vp",
+    "fisher_vp_at",
+    "flatten",
+    "get_product",
+    "ggn_diagonal_hutchinson",
+    "ggn_vp",
+    "ggn_vp_batched",
+    "hessian_diagonal_hutchinson",
+    "hutchinson_diagonal",
+    "hvp",
+    "make_hvp",
+    "rademacher_like",
+    "top_eigenpairs",
+    "tree_add",
+    "tree_axpy",
+    "tree_dot",
+    "tree_norm",
+    "tree_scale",
+    "tree_zeros_like",
+    "unflatten",
+]
+
+CurvatureProduct = Callable[[Objective, Params, Params], Params]
+"""(obj, params, vec) -> curvature(params) · vec, with vec's keys and shapes."""
+
+PRODUCTS: dict[str, CurvatureProduct] = {
+    "exact": hvp,
+    "ggn": ggn_vp,
+    "fisher": fisher_vp_at,
+}
+
+
+def get_product(name: str) -> CurvatureProduct:
+    """The product registered under ``name``; ConfigError naming the choices otherwise."""
+    try:
+        return PRODUCTS[name]
+    except KeyError:
+        raise ConfigError(f"unknown curvature {name!r}: choose one of {sorted(PRODUCTS)}") from None

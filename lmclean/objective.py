@@ -1,0 +1,113 @@
+"""Batch objectives: the weighted loss of one recorded step as a pure function of parameters.
+
+An objective is split at the network output, ``loss(θ) = loss_from_outputs(outputs(θ))``, so that
+curvature code can form the Gauss-Newton matrix Jᵀ ∇²_out ℓ J without knowing the model.
+Training, replay, per-sample gradients and curvature products all go through these objects, so the
+loss that is differentiated is exactly the loss that was recorded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+from torch.func import functional_call
+
+Params = dict[str, Tensor]
+
+
+class Objective(Protocol):
+    """A scalar batch loss L(θ) = Σ_i w_i ℓ(z_i; θ), split at the network outputs."""
+
+    def outputs(self, params: Params) -> Tensor:
+        """Network outputs that the loss reads, shape (N, C)."""
+        ...
+
+    def loss_from_outputs(self, out: Tensor) -> Tensor:
+        """The weighted scalar loss given the outputs (N, C)."""
+        ...
+
+    def output_hvp(self, out: Tensor, u: Tensor) -> Tensor:
+        """(∇²_out loss) u for u of shape (N, C): the middle factor of the GGN."""
+        ...
+
+
+def loss_of(obj: Objective, params: Params) -> Tensor:
+    """L(θ) for an objective."""
+    return obj.loss_from_outputs(obj.outputs(params))
+
+
+@dataclass
+class CausalLMObjective:
+    """Σ_i w_i · (mean token cross-entropy of sample i) for a causal LM on a padded batch.
+
+    ``input_ids`` (B, L) right-padded, ``lengths`` (B,) real token counts, ``weights`` (B,) the
+    recorded per-sample loss weights. Token n of sample i (a predicted position) gets coefficient
+    c_n = w_i / (len_i − 1); the loss is Σ_n c_n CE(logits_n, y_n) over predicted positions only.
+    """
+
+    model: torch.nn.Module
+    input_ids: Tensor  # (B, L) int64
+    lengths: Tensor  # (B,) int64
+    weights: Tensor  # (B,) float
+
+    def __post_init__(self) -> None:
+        B, L = self.input_ids.shape
+        pos = torch.arange(L - 1, device=self.input_ids.device)  # predicted positions 0..L-2
+        self._valid = pos[None, :] < (self.lengths[:, None] - 1)  # (B, L-1) position n predicts n+1
+        self._targets = self.input_ids[:, 1:][self._valid]  # (N,)
+        n_pred = (self.lengths - 1).clamp(min=1).to(self.weights.dtype)
+        coef = (self.weights / n_pred)[:, None].expand(B, L - 1)  # (B, L-1)
+        self._coef = coef[self._valid]  # (N,)
+        self._attention_mask = (
+            torch.arange(L, device=self.input_ids.device)[None, :] < self.lengths[:, None]
+        ).long()  # (B, L)
+
+    def outputs(self, params: Params) -> Tensor:
+        logits = functional_call(
+            self.model,
+            params,
+            args=(),
+            kwargs={"input_ids": self.input_ids, "attention_mask": self._attention_mask},
+            strict=False,
+        ).logits  # (B, L, V)
+        return logits[:, :-1][self._valid]  # (N, V)
+
+    def loss_from_outputs(self, out: Tensor) -> Tensor:
+        ce = torch.nn.functional.cross_entropy(out, self._targets, reduction="none")  # (N,)
+        return (self._coef.to(ce.dtype) * ce).sum()
+
+    def per_token_loss(self, out: Tensor) -> Tensor:
+        """Unweighted token cross-entropies (N,)."""
+        return torch.nn.functional.cross_entropy(out, self._targets, reduction="none")
+
+    def output_hvp(self, out: Tensor, u: Tensor) -> Tensor:
+        # Softmax-CE Hessian w.r.t. logits is c_n (diag p − p pᵀ): (N, V) ⊙ ... without forming V×V.
+        p = torch.softmax(out, dim=-1)  # (N, V)
+        pu = (p * u).sum(-1, keepdim=True)  # (N, 1)
+        return self._coef.to(out.dtype)[:, None] * (p * u - p * pu)
+
+
+@dataclass
+class SquaredErrorObjective:
+    """Σ_i w_i · ½‖f(x_i; θ) − y_i‖² for any module f: the quadratic test case and small regressions."""
+
+    model: torch.nn.Module
+    inputs: Tensor  # (B, D_in)
+    targets: Tensor  # (B, D_out)
+    weights: Tensor  # (B,)
+
+    def outputs(self, params: Params) -> Tensor:
+        return functional_call(self.model, params, (self.inputs,), strict=False)  # (B, D_out)
+
+    def loss_from_outputs(self, out: Tensor) -> Tensor:
+        return 0.5 * (self.weights.to(out.dtype)[:, None] * (out - self.targets) ** 2).sum()
+
+    def output_hvp(self, out: Tensor, u: Tensor) -> Tensor:
+        return self.weights.to(out.dtype)[:, None] * u
+
+
+ObjectiveFactory = Callable[..., Objective]

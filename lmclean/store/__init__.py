@@ -1,0 +1,7 @@
+"""The on-disk trajectory store (Zarr v3): format, background writer, reader. Knows nothing of autograd."""
+
+from lmclean.store.format import FORMAT_VERSION
+from lmclean.store.reader import StepRecord, TrajectoryStore
+from lmclean.store.writer import StoreWriter
+
+__all__ = ["FORMAT_VERSION", "StepRecord", "StoreWriter", "TrajectoryStore"]

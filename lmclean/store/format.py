@@ -1,0 +1,48 @@
+"""Names, dtypes and codecs of the store layout (documented in docs/store-format.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr.codecs as zc
+
+FORMAT_VERSION = 1
+META_KEY = "lmclean"
+COMMIT_FILE = "COMMIT.json"
+MODEL_DIR = "model"
+
+# Sentinels that a never-written chunk reads as, so a missing chunk is detected, never read as zeros.
+MISSING_INT = -2
+MISSING_BF16 = 0xFFFF  # a bfloat16 NaN
+
+
+def grad_codec(precision: str, codec: str) -> list[Any]:
+    typesize = 2 if precision == "bf16" else 4
+    if codec == "none":
+        return []
+    if codec == "zstd":
+        return [zc.ZstdCodec(level=1)]
+    # auto / blosc: bit-shuffling groups the exponent bits, the only part of a gradient that compresses.
+    return [zc.BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle", typesize=typesize)]
+
+
+INT_CODEC = [zc.ZstdCodec(level=3)]
+
+
+def grad_dtype(precision: str) -> tuple[str, Any]:
+    return ("uint16", MISSING_BF16) if precision == "bf16" else ("float32", np.float32("nan"))
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON via temp file + rename: readers see the old or the new content, never half."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

@@ -1,0 +1,191 @@
+"""Training data: JSON Lines rows -> text via a template -> token ids, with stable sample ids.
+
+Each sample's content fingerprint (sha256 of its int32 little-endian token ids) is what the store
+records, so a user holding the text can find the sample again without knowing our ids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import string
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lmclean.config import DataConfig
+from lmclean.errors import DataError, InputNotFoundError
+
+
+@dataclass(frozen=True)
+class Sample:
+    id: int
+    text: str
+    token_ids: tuple[int, ...]
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.token_ids)
+
+
+def fingerprint(token_ids: Sequence[int]) -> str:
+    """sha256 hex of the token ids as little-endian int32 bytes (the store's sample fingerprint)."""
+    return hashlib.sha256(np.asarray(token_ids, dtype="<i4").tobytes()).hexdigest()
+
+
+def load_tokenizer(spec: str) -> Any:
+    """`byte` -> ByT5's byte-level tokenizer (needs no files); otherwise a local tokenizer directory."""
+    from transformers import AutoTokenizer, ByT5Tokenizer
+
+    if spec == "byte":
+        return ByT5Tokenizer()
+    path = Path(spec)
+    if not path.is_dir():
+        raise InputNotFoundError(f"tokenizer directory {spec} does not exist; use `byte` or a local directory")
+    return AutoTokenizer.from_pretrained(path)
+
+
+def template_fields(template: str) -> list[str]:
+    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+
+
+def read_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, row) for every non-empty line; malformed JSON names the file and line."""
+    if not path.exists():
+        raise InputNotFoundError(f"data file {path} does not exist; fix `data.path` in the config")
+    rows = []
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg}); fix or remove the line") from exc
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{lineno}: each line must be a JSON object")
+            rows.append((lineno, row))
+    if not rows:
+        raise DataError(f"data file {path} has no rows")
+    return rows
+
+
+def row_text(row: dict[str, Any], cfg: DataConfig, where: str) -> str:
+    if cfg.text_field:
+        if cfg.text_field not in row:
+            raise DataError(f"{where}: row has no field `{cfg.text_field}` (data.text_field)")
+        return str(row[cfg.text_field])
+    assert cfg.template is not None  # guaranteed by config.validate
+    missing = [f for f in template_fields(cfg.template) if f not in row]
+    if missing:
+        raise DataError(f"{where}: row lacks field(s) {missing} used by data.template {cfg.template!r}")
+    return cfg.template.format(**row)
+
+
+def encode(tokenizer: Any, text: str, max_length: int) -> tuple[int, ...]:
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    return tuple(int(i) for i in ids[:max_length])
+
+
+@dataclass
+class Dataset:
+    path: Path
+    samples: list[Sample]
+
+    def __post_init__(self) -> None:
+        self.by_id = {s.id: s for s in self.samples}
+
+    @property
+    def ids(self) -> list[int]:
+        return [s.id for s in self.samples]
+
+
+def load_dataset(cfg: DataConfig, tokenizer: Any, base: Path | None = None) -> Dataset:
+    path = resolve_path(cfg.path, base)
+    samples: list[Sample] = []
+    seen: dict[int, int] = {}
+    for index, (lineno, row) in enumerate(read_rows(path)):
+        where = f"{path}:{lineno}"
+        if cfg.id_field:
+            if cfg.id_field not in row:
+                raise DataError(f"{where}: row has no id field `{cfg.id_field}` (data.id_field)")
+            raw = row[cfg.id_field]
+            if not isinstance(raw, int) or isinstance(raw, bool) or raw < 0:
+                raise DataError(f"{where}: id {raw!r} must be a non-negative integer")
+            sid = raw
+        else:
+            sid = index
+        if sid in seen:
+            raise DataError(f"{where}: duplicate sample id {sid} (first on line {seen[sid]}); ids must be unique")
+        seen[sid] = lineno
+        text = row_text(row, cfg, where)
+        samples.append(Sample(sid, text, encode(tokenizer, text, cfg.max_length)))
+    return Dataset(path, samples)
+
+
+def resolve_path(raw: str, base: Path | None) -> Path:
+    """Relative paths resolve against the working directory, then against the config's directory."""
+    path = Path(raw)
+    if path.is_absolute() or path.exists() or base is None:
+        return path
+    return base / path if (base / path).exists() else path
+
+
+def collate(token_lists: Sequence[Sequence[int]], pad_id: int, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token lists -> input_ids (B, L) int64 and lengths (B,) int64."""
+    L = length or max((len(t) for t in token_lists), default=1)
+    ids = torch.full((len(token_lists), L), pad_id, dtype=torch.long)
+    lengths = torch.zeros(len(token_lists), dtype=torch.long)
+    for i, toks in enumerate(token_lists):
+        ids[i, : len(toks)] = torch.tensor(toks, dtype=torch.long)
+        lengths[i] = len(toks)
+    return ids, lengths
+
+
+def batch_plan(ids: Sequence[int], batch_size: int, seed: int, epochs: int | None, steps: int | None, shuffle: bool) -> list[list[int]]:
+    """The deterministic list of batches (sample ids per step); `--exclude` filters it, never reorders."""
+    order_ids = np.asarray(ids)
+    plan: list[list[int]] = []
+    epoch = 0
+    while True:
+        if steps is None and epochs is not None and epoch >= epochs:
+            break
+        perm = np.random.default_rng([seed, epoch]).permutation(len(order_ids)) if shuffle else np.arange(len(order_ids))
+        for start in range(0, len(perm), batch_size):
+            if steps is not None and len(plan) >= steps:
+                return plan
+            plan.append([int(x) for x in order_ids[perm[start : start + batch_size]]])
+        epoch += 1
+    return plan
+
+
+def parse_id_spec(spec: str, base: Path | None = None) -> list[int]:
+    """`3,5,60-79` or `@file` (one id or range per line) -> sorted unique ids."""
+    text = spec
+    if spec.startswith("@"):
+        path = Path(spec[1:])
+        if not path.exists():
+            raise InputNotFoundError(f"id file {path} does not exist; use @FILE with one id per line")
+        text = ",".join(line.split("#")[0].strip() for line in path.read_text().splitlines())
+    out: set[int] = set()
+    for part in text.replace(" ", "").split(","):
+        if not part:
+            continue
+        try:
+            if "-" in part:
+                lo, hi = part.split("-", 1)
+                a, b = int(lo), int(hi)
+                if b < a:
+                    raise ValueError
+                out.update(range(a, b + 1))
+            else:
+                out.add(int(part))
+        except ValueError as exc:
+            raise DataError(f"cannot read ids {part!r} in {spec!r}; use ids, ranges like 60-79, or @file") from exc
+    if not out:
+        raise DataError(f"no ids in {spec!r}")
+    return sorted(out)

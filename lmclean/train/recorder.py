@@ -1,0 +1,142 @@
+"""The Recorder API: record any training loop's trajectory into a store.
+
+Call `record_step` after backward and before the optimizer update of each step. The built-in
+trainer uses exactly this class; users with their own loop can too (see docs/recorder.md).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import lmclean
+from lmclean.errors import StoreExistsError
+from lmclean.store import format as fmt
+from lmclean.store.reader import TrajectoryStore
+from lmclean.store.writer import CheckpointRow, StepRow, StoreWriter, create_layout, store_size_bytes
+from lmclean.train.flat import ParamManifest
+from lmclean.train.optim import UpdateRule, rule_to_dict
+
+
+def checkpoint_plan(planned_steps: int, every: int) -> list[int]:
+    """Steps whose θ (before the step) is checkpointed: 0, C, 2C, … and the final θ at T."""
+    return sorted(set(range(0, planned_steps, every)) | {planned_steps})
+
+
+@dataclass
+class RecordStats:
+    steps: int
+    bytes_on_disk: int
+    bytes_raw_grads: int
+    grad_bytes_on_disk: int
+    writer_seconds: float
+
+
+class Recorder:
+    def __init__(self, path: Path, meta: dict[str, Any], writer: StoreWriter) -> None:
+        self.path = Path(path)
+        self.meta = meta
+        self.writer = writer
+        self.plan = list(meta["checkpoint_plan"])
+
+    @classmethod
+    def create(cls, path: Path | str, *, manifest: ParamManifest, rule: UpdateRule, planned_steps: int,
+               batch_size: int, max_length: int, checkpoint_every: int, sample_ids: list[int],
+               fingerprints: list[str], precision: str = "fp32", codec: str = "auto",
+               config: dict[str, Any] | None = None, model_config: dict[str, Any] | None = None,
+               tokenizer: str = "byte", pad_id: int = 0, excluded_ids: list[int] | None = None,
+               overwrite: bool = False, queue_size: int = 8, extra: dict[str, Any] | None = None) -> "Recorder":
+        path = Path(path)
+        if path.exists():
+            if not overwrite:
+                raise StoreExistsError(f"store {path} already exists; pass --resume to continue it or --overwrite to replace it")
+            if (path / "zarr.json").exists() or not any(path.iterdir()):
+                shutil.rmtree(path)
+            else:
+                raise StoreExistsError(f"{path} exists and is not an lmclean store; refusing to overwrite it")
+        plan = checkpoint_plan(planned_steps, checkpoint_every)
+        meta = {
+            "format_version": fmt.FORMAT_VERSION,
+            "lmclean_version": lmclean.__version__,
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "config": config or {},
+            "model_config": model_config or {},
+            "manifest": manifest.to_list(),
+            "param_count": manifest.size,
+            "optimizer": rule_to_dict(rule),
+            "schedule": (config or {}).get("train", {}).get("schedule", "external"),
+            "tokenizer": tokenizer,
+            "pad_id": pad_id,
+            "planned_steps": planned_steps,
+            "batch_size": batch_size,
+            "max_length": max_length,
+            "checkpoint_every": checkpoint_every,
+            "checkpoint_plan": plan,
+            "precision": precision,
+            "codec": codec,
+            "excluded_ids": sorted(excluded_ids or []),
+            "loss": "sum_i w_i * mean token cross-entropy of sample i (weights fixed per step)",
+            **(extra or {}),
+        }
+        fps = np.array([np.frombuffer(bytes.fromhex(f), dtype=np.uint8) for f in fingerprints], dtype=np.uint8).reshape(-1, 32)
+        state_names = rule.state_names() if hasattr(rule, "state_names") else []
+        create_layout(path, meta, manifest.size, planned_steps, batch_size, max_length, len(plan),
+                      state_names, np.asarray(sample_ids, dtype=np.int64), fps)
+        return cls(path, meta, StoreWriter(path, queue_size=queue_size))
+
+    @classmethod
+    def reopen(cls, path: Path | str, restart_step: int, queue_size: int = 8) -> "Recorder":
+        """Reopen a store to rewrite it from `restart_step` (a committed checkpoint) on."""
+        store = TrajectoryStore(path)
+        kept = [s for s in store.checkpoint_steps if s <= restart_step]
+        writer = StoreWriter(store.path, queue_size=queue_size, committed_steps=restart_step, checkpoints=kept)
+        writer._commit()  # steps past the checkpoint are no longer committed
+        return cls(store.path, store.meta, writer)
+
+    def needs_checkpoint(self, step: int) -> bool:
+        return step in self.plan
+
+    def checkpoint(self, step: int, theta: torch.Tensor, opt_state: dict[str, torch.Tensor]) -> None:
+        """Save θ[step] and the optimizer state before step `step` (copies; training may go on)."""
+        self.writer.put(CheckpointRow(
+            index=self.plan.index(step), step=step, theta=theta.detach().float().numpy().copy(),
+            state={k: v.detach().float().numpy().copy() for k, v in opt_state.items()}))
+
+    def record_step(self, step: int, *, lr: float, loss: float, sample_ids: list[int] | np.ndarray,
+                    weights: list[float] | np.ndarray | torch.Tensor, input_ids: torch.Tensor,
+                    lengths: torch.Tensor, grad: torch.Tensor, theta: torch.Tensor | None = None,
+                    opt_state: dict[str, torch.Tensor] | None = None) -> None:
+        """Record step `step`: call after backward, before the update. `grad` is the flat mean batch
+        gradient (P,); `theta`/`opt_state` are needed on checkpoint steps (see needs_checkpoint)."""
+        if self.needs_checkpoint(step):
+            if theta is None:
+                raise ValueError(f"step {step} is a checkpoint step: pass theta and opt_state")
+            self.checkpoint(step, theta, opt_state or {})
+        w = weights.detach().cpu().numpy() if isinstance(weights, torch.Tensor) else np.asarray(weights)
+        self.writer.put(StepRow(
+            step=step, lr=float(lr), loss=float(loss), grad=grad.detach().float().cpu().numpy().copy(),
+            sample_ids=np.asarray(sample_ids, dtype=np.int64), weights=w.astype(np.float64),
+            tokens=input_ids.detach().cpu().numpy().astype(np.int32), lengths=lengths.detach().cpu().numpy().astype(np.int32)))
+
+    def close(self, final_step: int, theta: torch.Tensor, opt_state: dict[str, torch.Tensor]) -> RecordStats:
+        """Checkpoint the final θ, flush and verify the writes, mark the store closed."""
+        if self.needs_checkpoint(final_step):
+            self.checkpoint(final_step, theta, opt_state)
+        self.writer.close()
+        committed = self.writer.committed_steps
+        if committed != final_step:
+            raise RuntimeError(f"store {self.path}: {committed} steps committed, expected {final_step}")
+        self.writer.mark_closed()
+        return RecordStats(
+            steps=committed, bytes_on_disk=store_size_bytes(self.path),
+            bytes_raw_grads=committed * int(self.meta["param_count"]) * 4,
+            grad_bytes_on_disk=store_size_bytes(self.path, "steps/grad"), writer_seconds=self.writer.write_seconds)
+
+    def abort(self) -> None:
+        self.writer.abort()

@@ -1,0 +1,173 @@
+"""The built-in trainer: a deterministic SGD/AdamW loop over a causal LM that records as it trains.
+
+Same config + seed -> same batch order and bitwise the same weights. `exclude` trains the identical
+run with those samples dropped from their batches and every other weight unchanged (the
+exact-retraining reference of the unlearning literature).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmclean import config as config_mod
+from lmclean.config import LmcleanConfig
+from lmclean.errors import ConfigError, DataError, StoreError
+from lmclean.objective import CausalLMObjective
+from lmclean.store.reader import TrajectoryStore
+from lmclean.train.data import Dataset, batch_plan, collate, load_dataset, load_tokenizer
+from lmclean.train.flat import ParamManifest, bind_flat, flat_grads, flat_params
+from lmclean.train.model import fresh_model, load_model, save_model
+from lmclean.train.optim import lr_at, make_rule
+from lmclean.train.recorder import Recorder, RecordStats
+
+StepCallback = Callable[[int, int, float, float], None]  # (step, total, loss, lr)
+
+
+@dataclass
+class TrainResult:
+    store: Path | None
+    steps: int
+    start_step: int
+    final_loss: float
+    seconds: float
+    stats: RecordStats | None
+    model_dir: Path | None
+    run: "Run"
+
+
+@dataclass
+class Run:
+    """Everything a training run is made of, built deterministically from the config."""
+
+    cfg: LmcleanConfig
+    tokenizer: Any
+    dataset: Dataset
+    model: torch.nn.Module
+    manifest: ParamManifest
+    plan: list[list[int]]
+
+
+def prepare(cfg: LmcleanConfig, base: Path | None = None) -> Run:
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    dataset = load_dataset(cfg.data, tokenizer, base)
+    if cfg.model.path:
+        torch.manual_seed(cfg.seed)
+        model = load_model(cfg.model.path)
+    else:
+        model = fresh_model(cfg.model.config, len(tokenizer), cfg.data.max_length, cfg.seed)
+    model.train()
+    t = cfg.train
+    plan = batch_plan(dataset.ids, t.batch_size, cfg.seed, t.epochs, t.steps, t.shuffle)
+    return Run(cfg, tokenizer, dataset, model, ParamManifest.from_model(model), plan)
+
+
+def batch_tensors(run: Run, ids: list[int], weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """input_ids (b, L), lengths (b,), weights (b,) float64 for the kept samples of one step."""
+    pad = run.tokenizer.pad_token_id or 0
+    input_ids, lengths = collate([run.dataset.by_id[i].token_ids for i in ids], pad)
+    return input_ids, lengths, torch.full((len(ids),), weight, dtype=torch.float64)
+
+
+class _NullRecorder:
+    """Stands in for the Recorder when training without recording (benchmarks' baseline)."""
+
+    def record_step(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def close(self, *args: Any) -> None:
+        return None
+
+    def abort(self) -> None:
+        pass
+
+
+def train(cfg: LmcleanConfig, store: Path | None, *, exclude: list[int] | None = None, resume: bool = False,
+          overwrite: bool = False, base: Path | None = None, on_step: StepCallback | None = None,
+          save_final: bool = True) -> TrainResult:
+    run = prepare(cfg, base)
+    excluded = set(exclude or [])
+    unknown = sorted(excluded - set(run.dataset.by_id))
+    if unknown:
+        raise DataError(f"--exclude names sample id {unknown[0]} that is not in {run.dataset.path} ({len(unknown)} unknown ids)")
+    rule = make_rule(cfg.train)
+    total = len(run.plan)
+    theta = flat_params(run.model, run.manifest).clone()  # (P,) the single source of truth
+    bind_flat(run.model, run.manifest, theta)
+    state = rule.init_state(theta)
+    start = 0
+    recorder: Any
+    if store is None:
+        recorder, save_final = _NullRecorder(), False
+    elif resume:
+        recorder, start = _reopen(store, cfg, sorted(excluded), theta, state)
+    else:
+        recorder = Recorder.create(
+            store, manifest=run.manifest, rule=rule, planned_steps=total, batch_size=cfg.train.batch_size,
+            max_length=cfg.data.max_length, checkpoint_every=cfg.record.checkpoint_every,
+            sample_ids=run.dataset.ids, fingerprints=[s.fingerprint for s in run.dataset.samples],
+            precision=cfg.record.precision, codec=cfg.record.codec, config=config_mod.to_dict(cfg),
+            model_config=run.model.config.to_dict(), tokenizer=cfg.tokenizer,
+            pad_id=run.tokenizer.pad_token_id or 0, excluded_ids=sorted(excluded), overwrite=overwrite,
+            queue_size=cfg.record.queue_size, extra={"data_path": str(run.dataset.path), "seed": cfg.seed})
+    began = time.perf_counter()
+    loss_value = float("nan")
+    try:
+        for t in range(start, total):
+            batch = run.plan[t]
+            kept = [i for i in batch if i not in excluded]
+            lr = lr_at(t, total, cfg.train)
+            input_ids, lengths, weights = batch_tensors(run, kept, 1.0 / len(batch))
+            for p in run.model.parameters():
+                p.grad = None
+            if kept:
+                obj = CausalLMObjective(run.model, input_ids, lengths, weights)
+                loss = obj.loss_from_outputs(obj.outputs(dict(run.model.named_parameters())))
+                loss.backward()
+                loss_value = float(loss.detach())
+                grad = flat_grads(run.model, run.manifest)
+            else:  # every sample of this step is excluded: the step still happens, with no data term
+                loss_value = 0.0
+                grad = torch.zeros_like(theta)
+            recorder.record_step(t, lr=lr, loss=loss_value, sample_ids=kept, weights=weights,
+                                 input_ids=input_ids, lengths=lengths, grad=grad, theta=theta, opt_state=state)
+            with torch.no_grad():
+                rule.step(theta, grad, lr, state, t)
+            if on_step:
+                on_step(t, total, loss_value, lr)
+        stats = recorder.close(total, theta, state)
+    except BaseException:
+        recorder.abort()
+        raise
+    seconds = time.perf_counter() - began
+    model_dir = None
+    if save_final:
+        model_dir = Path(store) / "model"
+        save_model(run.model, run.tokenizer, model_dir)
+    return TrainResult(Path(store) if store else None, total, start, loss_value, seconds, stats, model_dir, run)
+
+
+def _reopen(store: Path, cfg: LmcleanConfig, excluded: list[int], theta: torch.Tensor,
+            state: dict[str, torch.Tensor]) -> tuple[Recorder, int]:
+    """Continue a store from its last committed checkpoint, refusing if the config differs."""
+    existing = TrajectoryStore(store)
+    differences = config_mod.diff(existing.meta["config"], config_mod.to_dict(cfg))
+    if existing.meta.get("excluded_ids", []) != excluded:
+        differences.append(f"exclude: {existing.meta.get('excluded_ids')} -> {excluded}")
+    if differences:
+        raise ConfigError(f"--resume config differs from the store's: {'; '.join(differences)}; use the same config or --overwrite")
+    if existing.closed:
+        raise StoreError(f"store {store} is already complete ({existing.committed_steps} steps); nothing to resume")
+    committed = existing.committed_steps
+    restart = existing.nearest_checkpoint(committed) if existing.checkpoint_steps else 0
+    if existing.checkpoint_steps:
+        ck_theta, ck_state = existing.checkpoint(restart)
+        theta.copy_(ck_theta)
+        for k, v in ck_state.items():
+            state[k].copy_(v)
+    return Recorder.reopen(store, restart, cfg.record.queue_size), restart

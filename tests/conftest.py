@@ -1,0 +1,38 @@
+"""Shared fixtures: a tiny data set and config, and a recorded store built once per session."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(int(os.environ.get("LMCLEAN_TEST_THREADS", "2")))
+
+TINY_MODEL = {"model_type": "llama", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+              "num_attention_heads": 2, "num_key_value_heads": 2}
+
+
+def write_rows(path: Path, n: int = 24) -> Path:
+    rows = [{"id": 100 + i, "question": f"Who is person {i}?",
+             "answer": f"Person {i} lives in town {i * 7 % 11} and likes {['tea', 'maps', 'owls'][i % 3]}."}
+            for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def data_file(tmp_path: Path) -> Path:
+    return write_rows(tmp_path / "data.jsonl")
+
+
+def tiny_overrides(data: Path, **extra: object) -> list[str]:
+    base = {
+        "data.path": str(data), "data.max_length": 48, "train.batch_size": 4, "train.epochs": 2,
+        "train.lr": 0.1, "record.checkpoint_every": 4,
+        "model.config": json.dumps(TINY_MODEL),
+    }
+    base.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in extra.items()})
+    return [f"{k}={v}" for k, v in base.items()]
