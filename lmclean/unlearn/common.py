@@ -1,0 +1,64 @@
+"""Pieces shared by every unlearning method: what to forget, gradients at recorded points, results."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from lmclean.errors import DataError
+from lmclean.objective import Objective
+from lmclean.train.flat import ParamManifest
+from lmclean.unlearn.trajectory import Trajectory
+
+
+@dataclass
+class ForgetSet:
+    """Sample level: `sample_ids`; batch level: `steps` (recorded steps that "never happened")."""
+
+    sample_ids: set[int] = field(default_factory=set)
+    steps: set[int] = field(default_factory=set)
+
+    @property
+    def level(self) -> str:
+        return "batch" if self.steps else "sample"
+
+    def affected(self, traj: Trajectory, stop: int | None = None) -> dict[int, list[int]]:
+        """step -> forget sample ids in it (batch level: the step's whole batch)."""
+        stop = traj.n_steps if stop is None else stop
+        if self.steps:
+            bad = sorted(t for t in self.steps if not 0 <= t < stop)
+            if bad:
+                raise DataError(f"step {bad[0]} is not a recorded step (0..{stop - 1})")
+            return {t: [int(i) for i in traj.batch(t).sample_ids] for t in sorted(self.steps)}
+        occ = traj.occurrences(self.sample_ids)
+        return {t: ids for t, ids in sorted(occ.items()) if t < stop}
+
+
+@dataclass
+class SweepResult:
+    delta: Tensor  # (P,) correction: θ̂ = θ[τ] + delta
+    method: str
+    steps_touched: list[int]
+    window: tuple[int, int]  # first step propagated, one past the last
+    products: int = 0
+    gradients: float = 0  # full-batch gradient evaluations (subsampled ones count fractionally)
+    v_norms: list[tuple[int, float]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    damping: float = 0.0
+    divergence: str = "ok"
+
+
+def flat_grad(obj: Objective, manifest: ParamManifest, theta: Tensor) -> Tensor:
+    """∇L(θ) (P,) for an objective at a flat parameter vector."""
+    params = manifest.views(theta.detach())
+    g = torch.func.grad(lambda p: obj.loss_from_outputs(obj.outputs(p)))(params)
+    return manifest.flatten(g)
+
+
+def update_of_step(traj: Trajectory, t: int, theta: Tensor, state: dict[str, Tensor], lr: float) -> tuple[Tensor, dict[str, Tensor]]:
+    """The recorded update u[t] = θ[t+1] − θ[t] and the change of each optimizer state buffer."""
+    nxt, nst = theta.clone(), {k: v.clone() for k, v in state.items()}
+    traj.rule.step(nxt, traj.stored_grad(t), lr, nst, t)
+    return nxt - theta, {k: nst[k] - state[k] for k in state}

@@ -1,0 +1,123 @@
+"""LMCleaner propagation: push the forget set's initial perturbation through the recorded steps.
+
+Linearised counterfactual (design note), for SGD with momentum μ and coupled weight decay λ:
+
+    d[t]     = (H_t^{−F} + (λ + damping) I) v_θ[t] − Σ_{j ∈ F∩S_t} w_{t,j} ∇ℓ_j(θ[t])
+    v_m[t+1] = μ v_m[t] + d[t]            (μ = 0: v_m[t+1] = d[t])
+    v_θ[t+1] = v_θ[t] − η_t v_m[t+1]
+
+with H_t taken at the recorded θ[t] on the recorded batch minus F. A batch-level step t_z is
+skipped: v_θ −= u[t_z], v_m −= Δm[t_z]. All terms share one accumulator (superposition), which is
+propagated from the first affected step to K steps past the last one and then carried unchanged:
+M requests cost one sweep of (span + K) products.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from lmclean.errors import DivergenceError, UnsupportedError
+from lmclean.train.optim import SGDRule
+from lmclean.unlearn.common import ForgetSet, SweepResult, flat_grad, update_of_step
+from lmclean.unlearn.operators import CurvatureOperator, OperatorSettings
+from lmclean.unlearn.trajectory import Trajectory
+
+Progress = Callable[[int, float], None]  # (step, ‖v‖)
+
+
+@dataclass
+class PropagationSettings:
+    K: int = 800
+    damping: float = 1e-4
+    divergence_factor: float = 50.0  # ‖v‖ above this × its largest post-injection value = diverged
+    on_divergence: str = "stop"  # stop | damp (raise damping ×10 and sweep again, at most 3 times)
+    # "retained": H_t of L_t^{−F} (exact for quadratics); "full": H_t of the recorded L_t, which makes
+    # the map from forget sets to corrections exactly linear (superposition) at second-order cost.
+    curvature_batch: str = "retained"
+    operator: OperatorSettings = field(default_factory=OperatorSettings)
+
+
+def require_sgd(traj: Trajectory) -> SGDRule:
+    if not isinstance(traj.rule, SGDRule):
+        raise UnsupportedError(
+            f"unlearning a {traj.rule.name} trajectory is not supported yet (SGD with momentum/weight decay is); "
+            "use --method replay for an exact answer")
+    return traj.rule
+
+
+def propagate(traj: Trajectory, forget: ForgetSet, settings: PropagationSettings, progress: Progress | None = None) -> SweepResult:
+    """One sweep; on divergence either raise DivergenceError or retry with more damping."""
+    damping = settings.damping
+    for attempt in range(4):
+        try:
+            result = _sweep(traj, forget, settings, damping, progress)
+            if attempt:
+                result.notes.append(f"diverged {attempt} time(s); damping raised to {damping:g}")
+                result.divergence = f"recovered with damping {damping:g}"
+            return result
+        except DivergenceError:
+            if settings.on_divergence != "damp" or attempt == 3:
+                raise
+            damping = max(damping * 10, 1e-3)
+    raise AssertionError("unreachable")
+
+
+def _sweep(traj: Trajectory, forget: ForgetSet, settings: PropagationSettings, damping: float,
+           progress: Progress | None) -> SweepResult:
+    rule = require_sgd(traj)
+    affected = forget.affected(traj)
+    tau = traj.n_steps
+    if not affected:
+        return SweepResult(torch.zeros(traj.manifest.size), "lmcleaner", [], (tau, tau), damping=damping,
+                           notes=["no recorded step contains the forget set: nothing to do"])
+    first, last = min(affected), max(affected)
+    stop = min(tau, last + settings.K + 1)  # propagate steps first..stop-1, then carry
+    op = CurvatureOperator(settings.operator, traj.manifest)
+    v = m = None  # (P,) perturbations of θ and of the momentum buffer
+    reference = 0.0
+    result = SweepResult(torch.zeros(0), "lmcleaner", sorted(affected), (first, stop), damping=damping)
+    for t, theta, state in traj.states(first, stop - 1):
+        if v is None:
+            v, m = torch.zeros_like(theta), torch.zeros_like(theta)
+        info = traj.batch(t)
+        if t in forget.steps:  # batch level: the step never happened
+            u, dstate = update_of_step(traj, t, theta, state, info.lr)
+            v -= u
+            if rule.momentum:
+                m -= dstate["momentum_buffer"]
+        else:
+            d = torch.zeros_like(theta)
+            if torch.any(v != 0):
+                retained = [int(i) for i in info.sample_ids
+                            if settings.curvature_batch == "full" or int(i) not in forget.sample_ids]
+                hv = op.at(t, theta, traj.objective(t, retained), lambda: traj.stored_grad(t))(v)
+                d += hv + (rule.weight_decay + damping) * v
+            if t in affected:
+                d -= flat_grad(traj.objective(t, affected[t]), traj.manifest, theta)
+                result.gradients += 1
+            if rule.momentum:
+                m.mul_(rule.momentum).add_(d)
+                v.add_(m, alpha=-info.lr)
+            else:
+                v.add_(d, alpha=-info.lr)
+        norm = float(torch.linalg.vector_norm(v))
+        if t in affected:
+            reference = max(reference, norm)
+        result.v_norms.append((t, norm))
+        if progress:
+            progress(t, norm)
+        if not math.isfinite(norm) or (reference > 0 and norm > settings.divergence_factor * reference):
+            raise DivergenceError(
+                f"propagation diverged at step {t}: ‖v‖ = {norm:.3g} is over {settings.divergence_factor:g}× its "
+                f"post-injection size {reference:.3g} (hvp={settings.operator.hvp}, damping={damping:g}); "
+                "raise --damping, lower --K, use --hvp ggn, or pass --on-divergence damp")
+    result.delta = v if v is not None else torch.zeros(traj.manifest.size)
+    result.products = op.products
+    if stop < tau:
+        result.notes.append(f"propagated {stop - first} steps ({first}..{stop - 1}); the correction is carried "
+                            f"unchanged over the last {tau - stop} steps")
+    return result

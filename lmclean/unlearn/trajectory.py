@@ -1,0 +1,174 @@
+"""A recorded trajectory as the unlearning engine sees it: per step, θ[t], the batch, and objectives.
+
+The engine is written against the small `Trajectory` protocol, so the same code runs on a Zarr store
+(causal LMs) and on an in-memory run (the linear-quadratic exactness tests).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from lmclean.objective import CausalLMObjective, Objective, SquaredErrorObjective
+from lmclean.train.flat import ParamManifest
+from lmclean.train.optim import UpdateRule
+
+
+@dataclass
+class BatchInfo:
+    step: int
+    lr: float
+    sample_ids: np.ndarray  # (b,) ids of the samples whose terms are in the recorded loss
+    weights: np.ndarray  # (b,) their fixed loss weights
+
+
+class Trajectory(Protocol):
+    manifest: ParamManifest
+    rule: UpdateRule
+    n_steps: int
+
+    def batch(self, t: int) -> BatchInfo: ...
+
+    def objective(self, t: int, sample_ids: Sequence[int]) -> Objective:
+        """The step-t loss restricted to `sample_ids` (recorded weights kept: fixed denominator)."""
+        ...
+
+    def states(self, start: int, stop: int) -> Iterator[tuple[int, Tensor, dict[str, Tensor]]]:
+        """(t, θ[t], optimizer state before t) for start <= t <= stop; buffers may be reused."""
+        ...
+
+    def stored_grad(self, t: int) -> Tensor:
+        """The recorded mean batch gradient g[t] = ∇L_t(θ[t]) (P,)."""
+        ...
+
+    def occurrences(self, sample_ids: set[int]) -> dict[int, list[int]]:
+        """step -> forget sample ids in that step's batch."""
+        ...
+
+    def stored_grad_is_exact(self, t: int) -> bool:
+        """False when g[t] holds terms of samples that are now absent (tombstoned)."""
+        ...
+
+
+class StoreTrajectory:
+    """A causal-LM trajectory read from a store; tombstoned samples are treated as absent."""
+
+    def __init__(self, store: "TrajectoryStore", model: torch.nn.Module, tombstoned: set[int] | None = None) -> None:  # noqa: F821
+        self.store = store
+        self.model = model
+        self.manifest = store.manifest
+        self.rule = store.rule
+        self.n_steps = store.committed_steps
+        self.tombstoned = set(tombstoned or ())
+        self._cache: dict[int, object] = {}
+        self._lrs = store.scalars("lr")
+
+    def _record(self, t: int):  # noqa: ANN202 - StepRecord
+        rec = self._cache.get(t)
+        if rec is None:
+            rec = self.store.step(t)
+            if len(self._cache) > 64:
+                self._cache.clear()
+            self._cache[t] = rec
+        return rec
+
+    def batch(self, t: int) -> BatchInfo:
+        rec = self._record(t)
+        keep = np.array([int(i) not in self.tombstoned for i in rec.sample_ids], dtype=bool)
+        return BatchInfo(t, float(self._lrs[t]), rec.sample_ids[keep], rec.weights[keep])
+
+    def objective(self, t: int, sample_ids: Sequence[int]) -> Objective:
+        rec = self._record(t)
+        wanted = {int(i) for i in sample_ids} - self.tombstoned
+        pos = [k for k, i in enumerate(rec.sample_ids) if int(i) in wanted]
+        lengths = torch.from_numpy(rec.lengths[pos].astype(np.int64))
+        width = int(lengths.max()) if len(pos) else 1
+        ids = torch.from_numpy(rec.tokens[pos, :width].astype(np.int64))
+        return CausalLMObjective(self.model, ids, lengths, torch.from_numpy(rec.weights[pos]))
+
+    def states(self, start: int, stop: int) -> Iterator[tuple[int, Tensor, dict[str, Tensor]]]:
+        return self.store.iter_states(start, stop)
+
+    def stored_grad(self, t: int) -> Tensor:
+        return self.store.grad(t)
+
+    def stored_grad_is_exact(self, t: int) -> bool:
+        return not any(int(i) in self.tombstoned for i in self._record(t).sample_ids)
+
+    def occurrences(self, sample_ids: set[int]) -> dict[int, list[int]]:
+        ids = self.store.all_sample_ids()  # (T, B)
+        out: dict[int, list[int]] = {}
+        mask = np.isin(ids, np.fromiter(sample_ids, dtype=np.int64)) if sample_ids else np.zeros_like(ids, dtype=bool)
+        for t, b in zip(*np.nonzero(mask)):
+            out.setdefault(int(t), []).append(int(ids[t, b]))
+        return out
+
+
+class InMemoryTrajectory:
+    """Weighted squared-error training of any module, kept in memory (float64 for exactness tests).
+
+    `run(exclude)` is also the exact retraining reference: the same batches and weights, with the
+    excluded samples' terms dropped, and optionally whole steps skipped.
+    """
+
+    def __init__(self, model: torch.nn.Module, X: Tensor, Y: Tensor, batches: list[list[int]],
+                 lrs: list[float], rule: UpdateRule, theta0: Tensor) -> None:
+        self.model, self.X, self.Y = model, X, Y
+        self.manifest = ParamManifest.from_model(model)
+        self.rule, self.lrs, self.theta0 = rule, lrs, theta0
+        self.batches = batches
+        self.n_steps = len(batches)
+        self.thetas, self.opt_states = self.run()
+
+    def run(self, exclude: set[int] | None = None, skip_steps: set[int] | None = None) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
+        exclude, skip_steps = exclude or set(), skip_steps or set()
+        theta = self.theta0.clone()
+        state = self.rule.init_state(theta)
+        thetas, states = [theta.clone()], [{k: v.clone() for k, v in state.items()}]
+        for t in range(self.n_steps):
+            if t not in skip_steps:
+                kept = [i for i in self.batches[t] if i not in exclude]
+                grad = self._grad(t, kept, theta)
+                # Skipped steps leave θ and the optimizer state untouched ("the step never happened").
+                self.rule.step(theta, grad, self.lrs[t], state, t)
+            thetas.append(theta.clone())
+            states.append({k: v.clone() for k, v in state.items()})
+        return thetas, states
+
+    def _grad(self, t: int, ids: Sequence[int], theta: Tensor) -> Tensor:
+        obj = self.objective(t, ids)
+        params = self.manifest.views(theta.detach())
+        g = torch.func.grad(lambda p: obj.loss_from_outputs(obj.outputs(p)))(params)
+        return self.manifest.flatten(g)
+
+    def batch(self, t: int) -> BatchInfo:
+        ids = np.asarray(self.batches[t], dtype=np.int64)
+        return BatchInfo(t, self.lrs[t], ids, np.full(len(ids), 1.0 / len(ids)))
+
+    def objective(self, t: int, sample_ids: Sequence[int]) -> Objective:
+        ids = list(sample_ids)
+        w = torch.full((len(ids),), 1.0 / len(self.batches[t]), dtype=self.X.dtype)
+        return SquaredErrorObjective(self.model, self.X[ids], self.Y[ids], w)
+
+    def states(self, start: int, stop: int) -> Iterator[tuple[int, Tensor, dict[str, Tensor]]]:
+        for t in range(start, stop + 1):
+            yield t, self.thetas[t], self.opt_states[t]
+
+    def stored_grad(self, t: int) -> Tensor:
+        return self._grad(t, self.batches[t], self.thetas[t])
+
+    def stored_grad_is_exact(self, t: int) -> bool:
+        return True
+
+    def occurrences(self, sample_ids: set[int]) -> dict[int, list[int]]:
+        out: dict[int, list[int]] = {}
+        for t, batch in enumerate(self.batches):
+            hit = [i for i in batch if i in sample_ids]
+            if hit:
+                out[t] = hit
+        return out
