@@ -36,3 +36,10 @@ def tiny_overrides(data: Path, **extra: object) -> list[str]:
     }
     base.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in extra.items()})
     return [f"{k}={v}" for k, v in base.items()]
+
+
+def tiny_config(data: Path, **extra: object):
+    """The tiny record config (defaults + tiny_overrides), as a validated LmcleanConfig."""
+    from lmclean import config as config_mod
+
+    return config_mod.load(None, tiny_overrides(data, **extra))

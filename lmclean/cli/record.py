@@ -10,6 +10,7 @@ import typer
 
 from lmclean import config as config_mod
 from lmclean.cli._app import err, handle_errors, print_json, progress_bar
+from lmclean.errors import ConfigError
 from lmclean.train.data import parse_id_spec
 from lmclean.train.trainer import train
 
@@ -36,26 +37,29 @@ def record(
         for key, default, help_text in config_mod.help_table():
             typer.echo(f"{key:28s} {default:24s} {help_text}")
         return
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other: continue the store or replace it")
     if config is None and DEFAULT_CONFIG.exists():
         config = DEFAULT_CONFIG
     cfg = config_mod.load(config, set_ or [])
     excluded = parse_id_spec(exclude) if exclude else []
     base = config.parent if config else None
-    err.print(f"recording to [bold]{store}[/] ({'resume' if resume else 'new'}; config {config or 'defaults'}"
-              f"{f'; excluding {len(excluded)} samples' if excluded else ''})")
     started = time.perf_counter()
-    with progress_bar("train", total=1, fields="loss {task.fields[loss]:.4f} lr {task.fields[lr]:.2e} {task.fields[rate]:.1f} steps/s",
-                      enabled=not json_out) as advance:
-        state = {"t0": None, "n": 0, "total_set": False}
+    with progress_bar("train", total=None, fields="loss {task.fields[loss]:.4f} lr {task.fields[lr]:.2e} {task.fields[rate]:.1f} steps/s",
+                      enabled=not json_out, lazy=True) as advance:
+        rate = _Rate()
+
+        def on_start(start: int, total: int) -> None:  # set-up passed: bad input has been refused by now
+            where = f"resuming at step {start} of {total}" if resume else f"new, {total} steps"
+            err.print(f"recording to [bold]{store}[/] ({where}; config {config or 'defaults'}"
+                      f"{f'; excluding {len(excluded)} samples' if excluded else ''})")
+            advance(total=total, completed=start)
 
         def on_step(t: int, total: int, loss: float, lr: float) -> None:
-            if state["t0"] is None:
-                state["t0"] = time.perf_counter()
-            state["n"] += 1
-            rate = state["n"] / max(1e-9, time.perf_counter() - state["t0"])
-            advance(1, loss=loss, lr=lr, rate=rate, total=total, completed=t + 1)
+            advance(total=total, completed=t + 1, loss=loss, lr=lr, rate=rate.tick())
 
-        result = train(cfg, store, exclude=excluded, resume=resume, overwrite=overwrite, base=base, on_step=on_step)
+        result = train(cfg, store, exclude=excluded, resume=resume, overwrite=overwrite, base=base,
+                       on_start=on_start, on_step=on_step)
     stats = result.stats
     summary = {
         "store": str(result.store), "steps": result.steps, "resumed_from": result.start_step if resume else None,
@@ -71,3 +75,19 @@ def record(
     err.print(f"[green]recorded[/] {summary['steps']} steps in {summary['train_seconds']} s, final loss "
               f"{summary['final_loss']:.4f}; store {summary['bytes_on_disk'] / 1e6:.1f} MB, gradients compressed "
               f"{summary['grad_compression']}x; model saved to {summary['model_dir']}")
+
+
+class _Rate:
+    """Steps per second over the steps since the first callback (the first step includes warm-up)."""
+
+    def __init__(self) -> None:
+        self.t0: float | None = None
+        self.n = 0
+
+    def tick(self) -> float:
+        now = time.perf_counter()
+        if self.t0 is None:
+            self.t0 = now
+            return float("nan")
+        self.n += 1
+        return self.n / max(1e-9, now - self.t0)

@@ -80,7 +80,9 @@ def top_eigenpairs(
             break
         b = torch.linalg.vector_norm(w)
         scale = torch.maximum(scale, alpha[j].abs() + b)
-        if b <= 100 * dim * eps * scale:  # invariant subspace: restart, T decouples (β_j = 0)
+        # Invariant subspace: restart, T decouples (β_j = 0). The test is relative to ‖A‖ and must not
+        # grow with P: a P·eps factor would exceed 1 in float32 for P ≳ 10⁵ and restart every step.
+        if b <= 1000 * eps * scale:
             q = _fresh_direction(Q[: j + 1], gen, dim, dtype, device)
         else:
             beta[j] = b

@@ -49,6 +49,7 @@ if TYPE_CHECKING:
         make_generator,
         make_scorer,
         mean_token_kl,
+        mean_token_kl_full_texts,
         score_full_texts,
         score_texts,
     )
@@ -61,6 +62,7 @@ _LAZY = {
     "make_generator": "scoring",
     "make_scorer": "scoring",
     "mean_token_kl": "scoring",
+    "mean_token_kl_full_texts": "scoring",
     "score_full_texts": "scoring",
     "score_texts": "scoring",
 }
@@ -88,6 +90,7 @@ __all__ = [
     "make_generator",
     "make_scorer",
     "mean_token_kl",
+    "mean_token_kl_full_texts",
     "mia_auc",
     "min_k_prob_score",
     "model_utility",

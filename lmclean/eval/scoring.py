@@ -113,13 +113,20 @@ def _target_logits(
 def _score_ids(
     model: nn.Module, prefixes: list[list[int]], targets: list[list[int]], pad_id: int, batch_size: int
 ) -> list[ScoredAnswer]:
-    out: list[ScoredAnswer] = []
+    order = _by_length(prefixes, targets)
+    prefixes, targets = [prefixes[i] for i in order], [targets[i] for i in order]
+    out: list[ScoredAnswer | None] = [None] * len(order)
     with _eval_mode(model):
-        for logits, target in zip(_target_logits(model, prefixes, targets, pad_id, batch_size), targets):
+        for i, logits, target in zip(order, _target_logits(model, prefixes, targets, pad_id, batch_size), targets):
             idx = torch.tensor(target, device=logits.device).unsqueeze(1)  # (n, 1)
             lp = torch.log_softmax(logits, dim=-1).gather(1, idx).squeeze(1)  # (n,)
-            out.append(ScoredAnswer(lp.double().cpu().numpy()))
-    return out
+            out[i] = ScoredAnswer(lp.double().cpu().numpy())
+    return out  # type: ignore[return-value]  # every slot is filled
+
+
+def _by_length(prefixes: list[list[int]], targets: list[list[int]]) -> list[int]:
+    """Input positions sorted by sequence length, so a batch pads little; results go back to input order."""
+    return sorted(range(len(prefixes)), key=lambda i: len(prefixes[i]) + len(targets[i]))
 
 
 def score_texts(
@@ -156,6 +163,15 @@ def make_scorer(
     return score
 
 
+def _context_length(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    for attr in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def greedy_answers(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -163,7 +179,11 @@ def greedy_answers(
     max_new_tokens: int = 64,
     batch_size: int = 8,
 ) -> list[str]:
-    """Greedy continuation of each prompt, new tokens only, special tokens dropped, cut at a newline."""
+    """Greedy continuation of each prompt, new tokens only, special tokens dropped, cut at a newline.
+
+    At most `max_new_tokens`, and never past the model's context length (`max_position_embeddings`
+    or `n_positions`): a batch's longest prompt plus its new tokens fit the context.
+    """
     _check_batch_size(batch_size)
     ids = _encode(tokenizer, prompts)
     for i, seq in enumerate(ids):
@@ -171,6 +191,7 @@ def greedy_answers(
             raise DataError(f"prompt {i} tokenises to no tokens; generation needs a context")
     pad_id = _pad_id(tokenizer)
     device = next(model.parameters()).device
+    limit = _context_length(model)
     out: list[str] = []
     with _eval_mode(model):
         for start in range(0, len(ids), batch_size):
@@ -181,11 +202,15 @@ def greedy_answers(
             for row, s in enumerate(chunk):
                 input_ids[row, width - len(s) :] = torch.tensor(s)
                 mask[row, width - len(s) :] = 1
+            new_tokens = max_new_tokens if limit is None else min(max_new_tokens, limit - width)
+            if new_tokens < 1:
+                out.extend("" for _ in chunk)  # the prompt already fills the model's context
+                continue
             generated = model.generate(
                 input_ids=input_ids.to(device),
                 attention_mask=mask.to(device),
                 do_sample=False,
-                max_new_tokens=max_new_tokens,
+                max_new_tokens=new_tokens,
                 pad_token_id=pad_id,
             )
             for row in generated[:, width:].tolist():
@@ -205,23 +230,16 @@ def make_generator(
     return generate
 
 
-def mean_token_kl(
+def _mean_kl_ids(
     model_p: nn.Module,
     model_q: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
-    answers: Sequence[str],
-    batch_size: int = 8,
+    prefixes: list[list[int]],
+    targets: list[list[int]],
+    pad_id: int,
+    batch_size: int,
 ) -> float:
-    """Mean over all answer tokens (pooled across samples) of KL(p || q) between next-token distributions.
-
-    Both models see the same teacher-forced inputs; p is usually the unlearned model and q the
-    retrained or original one. Accumulated in float64.
-    """
-    if not prompts:
-        raise DataError("mean_token_kl: no prompts given; pass at least one (prompt, answer) pair")
-    prefixes, targets = _pair_ids(tokenizer, prompts, answers)
-    pad_id = _pad_id(tokenizer)
+    order = _by_length(prefixes, targets)  # a sum over tokens: the order is free
+    prefixes, targets = [prefixes[i] for i in order], [targets[i] for i in order]
     total, count = 0.0, 0
     with _eval_mode(model_p, model_q):
         pairs = zip(
@@ -240,12 +258,49 @@ def mean_token_kl(
     return total / count
 
 
+def mean_token_kl(
+    model_p: nn.Module,
+    model_q: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    batch_size: int = 8,
+) -> float:
+    """Mean over all answer tokens (pooled across samples) of KL(p || q) between next-token distributions.
+
+    Both models see the same teacher-forced inputs; p is usually the unlearned model and q the
+    retrained or original one. Accumulated in float64.
+    """
+    if not prompts:
+        raise DataError("mean_token_kl: no prompts given; pass at least one (prompt, answer) pair")
+    prefixes, targets = _pair_ids(tokenizer, prompts, answers)
+    return _mean_kl_ids(model_p, model_q, prefixes, targets, _pad_id(tokenizer), batch_size)
+
+
+def mean_token_kl_full_texts(
+    model_p: nn.Module,
+    model_q: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    batch_size: int = 8,
+) -> float:
+    """`mean_token_kl` over every token after the first of plain texts (the tokens `score_full_texts` scores)."""
+    if not texts:
+        raise DataError("mean_token_kl_full_texts: no texts given; pass at least one")
+    ids = _encode(tokenizer, texts)
+    for i, seq in enumerate(ids):
+        if len(seq) < 2:
+            raise DataError(f"text {i} ({texts[i]!r}) has {len(seq)} token(s); a KL needs at least 2")
+    return _mean_kl_ids(model_p, model_q, [s[:1] for s in ids], [s[1:] for s in ids], _pad_id(tokenizer), batch_size)
+
+
 __all__ = [
     "ScoredAnswer",
     "greedy_answers",
     "make_generator",
     "make_scorer",
     "mean_token_kl",
+    "mean_token_kl_full_texts",
     "score_full_texts",
     "score_texts",
 ]

@@ -20,13 +20,23 @@ MISSING_INT = -2
 MISSING_BF16 = 0xFFFF  # a bfloat16 NaN
 
 
+# Arrays under steps/: per-step scalars (float64, (T,)) and the per-step rows.
+STEP_SCALARS = ("lr", "loss", "grad_norm")
+STEP_ARRAYS = (*STEP_SCALARS, "grad", "sample_ids", "weights", "lengths", "tokens")
+
+
 def grad_codec(precision: str, codec: str) -> list[Any]:
+    """Compressors of steps/grad (and, with fp32, of the checkpoints).
+
+    auto = blosc lz4 with bit-shuffle: bit-shuffling groups the sign/exponent bits, the part of a
+    gradient that compresses; measured on the example model it beats zstd in ratio and speed for
+    both fp32 (1.36x vs 1.26x) and bf16 (3.2x vs 2.9x vs raw fp32), see docs/store-format.md.
+    """
     typesize = 2 if precision == "bf16" else 4
     if codec == "none":
         return []
     if codec == "zstd":
         return [zc.ZstdCodec(level=1)]
-    # auto / blosc: bit-shuffling groups the exponent bits, the only part of a gradient that compresses.
     return [zc.BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle", typesize=typesize)]
 
 

@@ -57,8 +57,11 @@ class TrajectoryStore:
         self.meta: dict[str, Any] = meta
         self.manifest = ParamManifest.from_list(meta["manifest"])
         self.rule: UpdateRule = rule_from_dict(meta["optimizer"])
-        self._steps = self.root["steps"]
-        self._ck = self.root["checkpoints"]
+        try:
+            self._steps = self.root["steps"]
+            self._ck = self.root["checkpoints"]
+        except KeyError as exc:
+            raise StoreError(f"store {self.path} lacks the group {exc}; it is damaged or not an lmclean store") from exc
 
     # -- commit state ---------------------------------------------------------------------
     def commit_state(self) -> dict[str, Any]:
@@ -90,46 +93,61 @@ class TrajectoryStore:
         if not 0 <= t < n:
             raise StoreError(f"step {t} is not recorded in {self.path}: committed steps are 0..{n - 1}")
 
-    def _read(self, group: Any, name: str, index: int) -> np.ndarray:
+    def _row(self, name: str, index: int, step: int | None = None) -> np.ndarray:
+        """Row `index` of array `name` (e.g. "steps/grad"); a never-written chunk is an error, not fill."""
+        arr = self.root[name]
+        where = f"step {index}" if step is None else f"row {index} (checkpoint of step {step})"
         try:
-            return np.asarray(group[name][index])
-        except Exception as exc:
-            raise StoreError(f"store {self.path}: array {group.name}/{name} row {index} is corrupted ({exc})") from exc
+            value = np.asarray(arr[index])
+        except Exception as exc:  # zarr/numcodecs raise many types for a corrupted chunk
+            raise StoreError(f"store {self.path}: array {name} at {where} is unreadable ({type(exc).__name__}: {exc}); "
+                             "the store is damaged") from exc
+        if _all_fill(value, arr.fill_value) and not self._chunk_exists(arr, index):
+            raise StoreError(f"store {self.path}: array {name} has no data at {where} (chunk file missing); "
+                             "the store is damaged")
+        return value
+
+    def _chunk_exists(self, arr: Any, index: int) -> bool:
+        key = arr.metadata.encode_chunk_key((index,) + (0,) * (arr.ndim - 1))
+        return (self.path / arr.path / key).is_file()
 
     def step(self, t: int) -> StepRecord:
         self._check_step(t)
-        ids = self._read(self._steps, "sample_ids", t)
-        lr = float(self._read(self._steps, "lr", t))
-        if (ids == fmt.MISSING_INT).any() or np.isnan(lr):
-            raise StoreError(f"store {self.path}: step {t} is committed but its rows are missing (damaged store)")
+        ids = self._row("steps/sample_ids", t)
         keep = ids >= 0
-        lengths = self._read(self._steps, "lengths", t)[keep]
-        tokens = self._read(self._steps, "tokens", t)[keep]
+        lengths = self._row("steps/lengths", t)[keep]
+        tokens = self._row("steps/tokens", t)[keep]
         width = int(lengths.max()) if len(lengths) else 1
         return StepRecord(
-            step=t, lr=lr, loss=float(self._read(self._steps, "loss", t)),
-            grad_norm=float(self._read(self._steps, "grad_norm", t)), sample_ids=ids[keep],
-            weights=self._read(self._steps, "weights", t)[keep], tokens=tokens[:, :width], lengths=lengths)
+            step=t, lr=float(self._row("steps/lr", t)), loss=float(self._row("steps/loss", t)),
+            grad_norm=float(self._row("steps/grad_norm", t)), sample_ids=ids[keep],
+            weights=self._row("steps/weights", t)[keep], tokens=tokens[:, :width], lengths=lengths)
 
     def grad(self, t: int) -> torch.Tensor:
-        """Mean batch gradient g[t] as float32 (P,), decoded from bf16 when stored so."""
+        """Mean batch gradient g[t] as float32 (P,), decoded from the bf16 bits when stored so."""
         self._check_step(t)
-        raw = self._read(self._steps, "grad", t)
+        raw = self._row("steps/grad", t)
         if self.meta["precision"] == "bf16":
-            if (raw == fmt.MISSING_BF16).all():
-                raise StoreError(f"store {self.path}: array steps/grad row {t} is missing")
             return torch.from_numpy(raw.view(np.int16).copy()).view(torch.bfloat16).float()
-        if np.isnan(raw).all():
-            raise StoreError(f"store {self.path}: array steps/grad row {t} is missing")
         return torch.from_numpy(raw.copy())
 
     def scalars(self, name: str) -> np.ndarray:
         """A per-step scalar array (lr, loss, grad_norm) over committed steps."""
-        return np.asarray(self._steps[name][: self.committed_steps])
+        if name not in fmt.STEP_SCALARS:
+            raise StoreError(f"no per-step scalar {name!r}; use one of {list(fmt.STEP_SCALARS)}")
+        values = np.asarray(self._steps[name][: self.committed_steps])
+        for t in np.nonzero(np.isnan(values))[0]:
+            self._row(f"steps/{name}", int(t))  # raises when the NaN is a missing chunk, not a recorded NaN
+        return values
 
     def all_sample_ids(self) -> np.ndarray:
         """(T, B) sample ids of committed steps, -1 = empty slot."""
-        return np.asarray(self._steps["sample_ids"][: self.committed_steps])
+        ids = np.asarray(self._steps["sample_ids"][: self.committed_steps])
+        missing = np.nonzero((ids == fmt.MISSING_INT).all(axis=1))[0]
+        if len(missing):
+            raise StoreError(f"store {self.path}: array steps/sample_ids has no data at step {int(missing[0])} "
+                             "(chunk file missing); the store is damaged")
+        return ids
 
     # -- samples -----------------------------------------------------------------------------
     @cached_property
@@ -141,15 +159,17 @@ class TrajectoryStore:
     # -- checkpoints and θ replay -------------------------------------------------------------
     def checkpoint(self, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """θ and optimizer state saved before step `step`."""
+        if step not in self.checkpoint_steps:
+            raise StoreError(f"store {self.path} has no committed checkpoint at step {step}; "
+                             f"checkpoints: {self.checkpoint_steps}")
         steps = np.asarray(self._ck["step"][:])
         where = np.nonzero(steps == step)[0]
-        if step not in self.checkpoint_steps or not len(where):
-            raise StoreError(f"store {self.path} has no committed checkpoint at step {step}")
+        if not len(where):
+            raise StoreError(f"store {self.path}: array checkpoints/step does not list committed checkpoint {step}; "
+                             "the store is damaged")
         k = int(where[0])
-        theta = torch.from_numpy(self._read(self._ck, "theta", k).copy())
-        state = {n: torch.from_numpy(self._read(self._ck, n, k).copy()) for n in self.rule.state_names()}
-        if torch.isnan(theta).all():
-            raise StoreError(f"store {self.path}: checkpoint at step {step} is missing its parameters")
+        theta = torch.from_numpy(self._row("checkpoints/theta", k, step).copy())
+        state = {n: torch.from_numpy(self._row(f"checkpoints/{n}", k, step).copy()) for n in self.rule.state_names()}
         return theta, state
 
     def nearest_checkpoint(self, t: int) -> int:
@@ -192,3 +212,10 @@ class TrajectoryStore:
         ids = self.all_sample_ids()
         steps, pos = np.nonzero(ids == sample_id)
         return [(int(s), int(p)) for s, p in zip(steps, pos)]
+
+
+def _all_fill(value: np.ndarray, fill: Any) -> bool:
+    """True when every element equals the array's fill value (NaN fill: every element NaN)."""
+    if value.dtype.kind == "f" and np.isnan(fill):
+        return bool(np.isnan(value).all())
+    return bool((value == fill).all())

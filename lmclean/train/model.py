@@ -56,15 +56,23 @@ def model_from_config_dict(config_dict: dict[str, Any]) -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", dtype=torch.float32).float()
 
 
-def save_model(model: torch.nn.Module, tokenizer: Any, out: Path) -> None:
-    """Save an HF model directory atomically: write a sibling temp dir, then rename into place."""
+def save_model(model: torch.nn.Module, tokenizer: Any, out: Path, extra_files: dict[str, str] | None = None) -> None:
+    """Save an HF model directory atomically: write a sibling temp dir, then rename into place.
+
+    `extra_files` (name -> text, e.g. an unlearning report) land in the same atomic rename.
+    """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    from transformers.utils import logging as hf_logging
+
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    hf_logging.disable_progress_bar()  # our messages go to stderr; no tqdm bar per shard
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
         if out.exists():
             old = out.with_name(f".{out.name}.old.{os.getpid()}")
             os.replace(out, old)

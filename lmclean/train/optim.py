@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from lmclean.config import TrainConfig
+from lmclean.errors import UnsupportedError
 
 State = dict[str, Tensor]
 
@@ -105,3 +106,29 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     if cfg.schedule == "linear":
         return floor + (cfg.lr - floor) * (1.0 - progress)
     return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def rule_from_torch(optimizer: torch.optim.Optimizer) -> UpdateRule:
+    """The update rule of a `torch.optim.SGD` / `AdamW` (for the Recorder API), or UnsupportedError.
+
+    The store records one learning rate per step, so every parameter group must share the
+    hyperparameters; SGD dampening/nesterov/maximize and AdamW amsgrad/maximize have no replay rule.
+    """
+    groups = optimizer.param_groups
+    keys = ("lr", "momentum", "dampening", "nesterov", "weight_decay", "betas", "eps", "amsgrad", "maximize")
+    first = {k: groups[0].get(k) for k in keys}
+    for g in groups[1:]:
+        if {k: g.get(k) for k in keys} != first:
+            raise UnsupportedError("all parameter groups must share lr and hyperparameters to be recorded")
+    if first["maximize"]:
+        raise UnsupportedError("maximize=True has no replay rule; use a minimising optimizer")
+    if isinstance(optimizer, torch.optim.SGD):
+        if first["dampening"] or first["nesterov"]:
+            raise UnsupportedError("SGD with dampening or nesterov has no replay rule; use momentum and weight_decay only")
+        return SGDRule(momentum=float(first["momentum"]), weight_decay=float(first["weight_decay"]))
+    if isinstance(optimizer, torch.optim.AdamW):
+        if first["amsgrad"]:
+            raise UnsupportedError("AdamW(amsgrad=True) has no replay rule")
+        b1, b2 = first["betas"]
+        return AdamWRule(beta1=float(b1), beta2=float(b2), eps=float(first["eps"]), weight_decay=float(first["weight_decay"]))
+    raise UnsupportedError(f"optimizer {type(optimizer).__name__} has no replay rule; use torch.optim.SGD or torch.optim.AdamW")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,12 +17,12 @@ import numpy as np
 import torch
 
 import lmclean
-from lmclean.errors import StoreExistsError
+from lmclean.errors import DataError, ModelMismatchError, StoreError, StoreExistsError
 from lmclean.store import format as fmt
 from lmclean.store.reader import TrajectoryStore
 from lmclean.store.writer import CheckpointRow, StepRow, StoreWriter, create_layout, store_size_bytes
-from lmclean.train.flat import ParamManifest
-from lmclean.train.optim import UpdateRule, rule_to_dict
+from lmclean.train.flat import ParamManifest, flat_grads, flat_params
+from lmclean.train.optim import UpdateRule, rule_from_dict, rule_to_dict
 
 
 def checkpoint_plan(planned_steps: int, every: int) -> list[int]:
@@ -36,6 +37,7 @@ class RecordStats:
     bytes_raw_grads: int
     grad_bytes_on_disk: int
     writer_seconds: float
+    writer_cpu_seconds: float = 0.0
 
 
 class Recorder:
@@ -44,13 +46,15 @@ class Recorder:
         self.meta = meta
         self.writer = writer
         self.plan = list(meta["checkpoint_plan"])
+        self.precision = meta["precision"]
+        self._saved: set[int] = set()
 
     @classmethod
     def create(cls, path: Path | str, *, manifest: ParamManifest, rule: UpdateRule, planned_steps: int,
                batch_size: int, max_length: int, checkpoint_every: int, sample_ids: list[int],
                fingerprints: list[str], precision: str = "fp32", codec: str = "auto",
                config: dict[str, Any] | None = None, model_config: dict[str, Any] | None = None,
-               tokenizer: str = "byte", pad_id: int = 0, excluded_ids: list[int] | None = None,
+               tokenizer: str = "external", pad_id: int = 0, excluded_ids: list[int] | None = None,
                overwrite: bool = False, queue_size: int = 8, extra: dict[str, Any] | None = None) -> "Recorder":
         path = Path(path)
         if path.exists():
@@ -96,14 +100,19 @@ class Recorder:
         store = TrajectoryStore(path)
         kept = [s for s in store.checkpoint_steps if s <= restart_step]
         writer = StoreWriter(store.path, queue_size=queue_size, committed_steps=restart_step, checkpoints=kept)
-        writer._commit()  # steps past the checkpoint are no longer committed
-        return cls(store.path, store.meta, writer)
+        writer.commit_now()  # steps past the checkpoint are no longer committed
+        rec = cls(store.path, store.meta, writer)
+        rec._saved = set(kept)  # committed checkpoints are never rewritten (a crash could tear them)
+        return rec
 
     def needs_checkpoint(self, step: int) -> bool:
         return step in self.plan
 
     def checkpoint(self, step: int, theta: torch.Tensor, opt_state: dict[str, torch.Tensor]) -> None:
         """Save θ[step] and the optimizer state before step `step` (copies; training may go on)."""
+        if step in self._saved:
+            return
+        self._saved.add(step)
         self.writer.put(CheckpointRow(
             index=self.plan.index(step), step=step, theta=theta.detach().float().numpy().copy(),
             state={k: v.detach().float().numpy().copy() for k, v in opt_state.items()}))
@@ -114,29 +123,88 @@ class Recorder:
                     opt_state: dict[str, torch.Tensor] | None = None) -> None:
         """Record step `step`: call after backward, before the update. `grad` is the flat mean batch
         gradient (P,); `theta`/`opt_state` are needed on checkpoint steps (see needs_checkpoint)."""
+        w = weights.detach().cpu().numpy() if isinstance(weights, torch.Tensor) else np.asarray(weights)
+        b = len(sample_ids)
+        if not (len(w) == b == input_ids.shape[0] == lengths.shape[0]):
+            raise DataError(f"step {step}: {b} sample ids, {len(w)} weights, {input_ids.shape[0]} token rows and "
+                            f"{lengths.shape[0]} lengths; they must match")
+        if b > self.meta["batch_size"] or (b and input_ids.shape[1] > self.meta["max_length"]):
+            raise DataError(f"step {step}: batch {tuple(input_ids.shape)} exceeds the store's batch_size "
+                            f"{self.meta['batch_size']} x max_length {self.meta['max_length']}")
+        if grad.numel() != self.meta["param_count"]:
+            raise ModelMismatchError(f"step {step}: gradient has {grad.numel()} entries, the manifest {self.meta['param_count']}")
         if self.needs_checkpoint(step):
             if theta is None:
                 raise ValueError(f"step {step} is a checkpoint step: pass theta and opt_state")
             self.checkpoint(step, theta, opt_state or {})
-        w = weights.detach().cpu().numpy() if isinstance(weights, torch.Tensor) else np.asarray(weights)
+        g = grad.detach().reshape(-1)
+        bits = None
+        if self.precision == "bf16":  # converted here: torch ops on the writer thread would fight for the cores
+            bits = g.to(torch.bfloat16, copy=True).view(torch.int16).cpu().numpy().view(np.uint16)
         self.writer.put(StepRow(
-            step=step, lr=float(lr), loss=float(loss), grad=grad.detach().float().cpu().numpy().copy(),
+            step=step, lr=float(lr), loss=float(loss), grad=g.float().cpu().numpy().copy(), grad_bits=bits,
             sample_ids=np.asarray(sample_ids, dtype=np.int64), weights=w.astype(np.float64),
             tokens=input_ids.detach().cpu().numpy().astype(np.int32), lengths=lengths.detach().cpu().numpy().astype(np.int32)))
 
-    def close(self, final_step: int, theta: torch.Tensor, opt_state: dict[str, torch.Tensor]) -> RecordStats:
-        """Checkpoint the final θ, flush and verify the writes, mark the store closed."""
+    def close(self, final_step: int, theta: torch.Tensor, opt_state: dict[str, torch.Tensor],
+              before_closed: Callable[[], None] | None = None) -> RecordStats:
+        """Checkpoint the final θ, flush and verify the writes, run `before_closed` (e.g. save the
+        final model), then mark the store closed."""
         if self.needs_checkpoint(final_step):
             self.checkpoint(final_step, theta, opt_state)
         self.writer.close()
         committed = self.writer.committed_steps
         if committed != final_step:
-            raise RuntimeError(f"store {self.path}: {committed} steps committed, expected {final_step}")
+            raise StoreError(f"store {self.path}: {committed} steps committed at close, expected {final_step}; "
+                             "every step 0..final_step-1 must be recorded once, in order")
+        self.writer.verify()
+        if before_closed is not None:
+            before_closed()
         self.writer.mark_closed()
         return RecordStats(
             steps=committed, bytes_on_disk=store_size_bytes(self.path),
             bytes_raw_grads=committed * int(self.meta["param_count"]) * 4,
-            grad_bytes_on_disk=store_size_bytes(self.path, "steps/grad"), writer_seconds=self.writer.write_seconds)
+            grad_bytes_on_disk=store_size_bytes(self.path, "steps/grad"), writer_seconds=self.writer.write_seconds,
+            writer_cpu_seconds=self.writer.cpu_seconds)
 
     def abort(self) -> None:
+        """Write and commit what is queued, then stop (the store stays resumable)."""
         self.writer.abort()
+
+    # -- helpers for a plain torch loop (see docs/recorder.md) --------------------------------
+    def record_torch_step(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
+                          loss: float | torch.Tensor, sample_ids: list[int] | np.ndarray,
+                          weights: list[float] | np.ndarray | torch.Tensor, input_ids: torch.Tensor,
+                          lengths: torch.Tensor) -> None:
+        """`record_step` for a model whose `.grad`s are filled: reads the lr from the optimizer, flattens
+        the gradients in manifest order, and on checkpoint steps θ and the optimizer state."""
+        manifest = ParamManifest.from_list(self.meta["manifest"])
+        ck = self.needs_checkpoint(step)
+        self.record_step(step, lr=float(optimizer.param_groups[0]["lr"]),
+                         loss=float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss), sample_ids=sample_ids,
+                         weights=weights, input_ids=input_ids, lengths=lengths, grad=flat_grads(model, manifest),
+                         theta=flat_params(model, manifest) if ck else None,
+                         opt_state=torch_optimizer_state(optimizer, model, manifest, self.rule) if ck else None)
+
+    def close_torch(self, final_step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> RecordStats:
+        """`close` for a plain torch loop: checkpoints the model's final θ and the optimizer state."""
+        manifest = ParamManifest.from_list(self.meta["manifest"])
+        return self.close(final_step, flat_params(model, manifest), torch_optimizer_state(optimizer, model, manifest, self.rule))
+
+    @property
+    def rule(self) -> UpdateRule:
+        return rule_from_dict(self.meta["optimizer"])
+
+
+def torch_optimizer_state(optimizer: torch.optim.Optimizer, model: torch.nn.Module, manifest: ParamManifest,
+                          rule: UpdateRule) -> dict[str, torch.Tensor]:
+    """The optimizer's per-parameter state as flat (P,) vectors in manifest order (zeros where unset)."""
+    params = dict(model.named_parameters())
+    out = {}
+    for name in rule.state_names():
+        parts = []
+        for e in manifest.entries:
+            value = optimizer.state.get(params[e.name], {}).get(name)
+            parts.append(torch.zeros(e.numel) if value is None else value.detach().reshape(-1).float())
+        out[name] = torch.cat(parts)
+    return out

@@ -27,6 +27,7 @@ from lmclean.train.optim import lr_at, make_rule
 from lmclean.train.recorder import Recorder, RecordStats
 
 StepCallback = Callable[[int, int, float, float], None]  # (step, total, loss, lr)
+StartCallback = Callable[[int, int], None]  # (first step, total): set-up done, training starts
 
 
 @dataclass
@@ -80,7 +81,7 @@ class _NullRecorder:
     def record_step(self, *args: Any, **kwargs: Any) -> None:
         pass
 
-    def close(self, *args: Any) -> None:
+    def close(self, *args: Any, **kwargs: Any) -> None:
         return None
 
     def abort(self) -> None:
@@ -89,7 +90,7 @@ class _NullRecorder:
 
 def train(cfg: LmcleanConfig, store: Path | None, *, exclude: list[int] | None = None, resume: bool = False,
           overwrite: bool = False, base: Path | None = None, on_step: StepCallback | None = None,
-          save_final: bool = True) -> TrainResult:
+          save_final: bool = True, on_start: StartCallback | None = None) -> TrainResult:
     run = prepare(cfg, base)
     excluded = set(exclude or [])
     unknown = sorted(excluded - set(run.dataset.by_id))
@@ -105,7 +106,7 @@ def train(cfg: LmcleanConfig, store: Path | None, *, exclude: list[int] | None =
     if store is None:
         recorder, save_final = _NullRecorder(), False
     elif resume:
-        recorder, start = _reopen(store, cfg, sorted(excluded), theta, state)
+        recorder, start = _reopen(store, cfg, sorted(excluded), theta, state, run)
     else:
         recorder = Recorder.create(
             store, manifest=run.manifest, rule=rule, planned_steps=total, batch_size=cfg.train.batch_size,
@@ -115,9 +116,11 @@ def train(cfg: LmcleanConfig, store: Path | None, *, exclude: list[int] | None =
             model_config=run.model.config.to_dict(), tokenizer=cfg.tokenizer,
             pad_id=run.tokenizer.pad_token_id or 0, excluded_ids=sorted(excluded), overwrite=overwrite,
             queue_size=cfg.record.queue_size, extra={"data_path": str(run.dataset.path), "seed": cfg.seed})
-    began = time.perf_counter()
     loss_value = float("nan")
     try:
+        if on_start:
+            on_start(start, total)
+        began = time.perf_counter()
         for t in range(start, total):
             batch = run.plan[t]
             kept = [i for i in batch if i not in excluded]
@@ -140,27 +143,33 @@ def train(cfg: LmcleanConfig, store: Path | None, *, exclude: list[int] | None =
                 rule.step(theta, grad, lr, state, t)
             if on_step:
                 on_step(t, total, loss_value, lr)
-        stats = recorder.close(total, theta, state)
+        seconds = time.perf_counter() - began  # includes flushing the writer queue
+        model_dir = Path(store) / "model" if save_final and store is not None else None
+        # the final model is saved before the store is marked closed: a crash in between leaves a
+        # store that `--resume` completes (it has nothing left to train and just saves the model)
+        stats = recorder.close(total, theta, state,
+                               before_closed=(lambda: save_model(run.model, run.tokenizer, model_dir)) if model_dir else None)
     except BaseException:
         recorder.abort()
         raise
-    seconds = time.perf_counter() - began
-    model_dir = None
-    if save_final:
-        model_dir = Path(store) / "model"
-        save_model(run.model, run.tokenizer, model_dir)
     return TrainResult(Path(store) if store else None, total, start, loss_value, seconds, stats, model_dir, run)
 
 
 def _reopen(store: Path, cfg: LmcleanConfig, excluded: list[int], theta: torch.Tensor,
-            state: dict[str, torch.Tensor]) -> tuple[Recorder, int]:
-    """Continue a store from its last committed checkpoint, refusing if the config differs."""
+            state: dict[str, torch.Tensor], run: Run) -> tuple[Recorder, int]:
+    """Continue a store from its last committed checkpoint, refusing if the config or data differ."""
     existing = TrajectoryStore(store)
     differences = config_mod.diff(existing.meta["config"], config_mod.to_dict(cfg))
     if existing.meta.get("excluded_ids", []) != excluded:
         differences.append(f"exclude: {existing.meta.get('excluded_ids')} -> {excluded}")
     if differences:
         raise ConfigError(f"--resume config differs from the store's: {'; '.join(differences)}; use the same config or --overwrite")
+    recorded = existing.sample_fingerprints
+    current = {s.id: s.fingerprint for s in run.dataset.samples}
+    if recorded != current:
+        changed = sorted(i for i in set(recorded) | set(current) if recorded.get(i) != current.get(i))
+        raise DataError(f"--resume: the data in {run.dataset.path} differs from the recorded data set "
+                        f"({len(changed)} samples differ, first id {changed[0]}); restore the data or use --overwrite")
     if existing.closed:
         raise StoreError(f"store {store} is already complete ({existing.committed_steps} steps); nothing to resume")
     committed = existing.committed_steps

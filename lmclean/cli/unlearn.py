@@ -1,0 +1,103 @@
+"""`lmclean unlearn`: remove samples' (or steps') influence from a recorded model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from lmclean.cli._app import err, handle_errors, print_json, progress_bar
+from lmclean.store.reader import TrajectoryStore
+from lmclean.unlearn.lmcleaner import PropagationSettings
+from lmclean.unlearn.operators import OperatorSettings
+from lmclean.unlearn.resolve import resolve_forget
+from lmclean.audit import check_not_tombstoned
+from lmclean.unlearn.service import Request, UnlearnOptions, default_out, plan, unlearn as run_unlearn
+
+
+@handle_errors
+def unlearn(
+    store: Annotated[Path, typer.Argument(help="Store directory written by `lmclean record`.")],
+    forget: Annotated[Optional[str], typer.Option(help="Sample ids to forget: 3,5,60-79 or @file (one id per line).")] = None,
+    forget_data: Annotated[Optional[Path], typer.Option(help="JSON Lines rows to forget, matched to recorded samples by their token fingerprint.")] = None,
+    steps: Annotated[Optional[str], typer.Option(help="Forget whole recorded steps, e.g. 12,40 (implies --level batch).")] = None,
+    level: Annotated[str, typer.Option(help="sample: remove each forget sample's own terms; batch: remove every step that contains one, whole.")] = "sample",
+    method: Annotated[str, typer.Option(help="lmcleaner (propagate through recorded curvature), rollback (no propagation) or replay (exact re-run).")] = "lmcleaner",
+    K: Annotated[Optional[int], typer.Option("--K", help="Steps to propagate (or replay) past the last affected step; the rest is carried unchanged. Replay default: to the end.")] = None,
+    hvp: Annotated[str, typer.Option(help="Curvature for lmcleaner: ggn (Gauss-Newton, PSD, default), exact (Hessian), diag, lowrank, fisher (rank-1 baseline).")] = "ggn",
+    damping: Annotated[float, typer.Option(help="Add damping·I to the curvature: more stable, slightly biased.")] = 1e-4,
+    on_divergence: Annotated[str, typer.Option(help="When ‖v‖ blows up: stop (error naming the step) or damp (raise damping and retry).")] = "stop",
+    curvature_batch: Annotated[str, typer.Option(help="retained: curvature of the batch without the forget set (exact for quadratics); full: the recorded batch (exactly linear in requests).")] = "retained",
+    rank: Annotated[int, typer.Option(help="lowrank: eigenpairs per anchor step.")] = 8,
+    refresh: Annotated[int, typer.Option(help="lowrank/diag: reuse an anchor's curvature for this many steps.")] = 100,
+    fraction: Annotated[Optional[float], typer.Option(help="replay: estimate the gradient change on this fraction of each batch (control variate).")] = None,
+    noise: Annotated[float, typer.Option(help="Add Gaussian noise N(0, σ²) to the unlearned weights.")] = 0.0,
+    seed: Annotated[int, typer.Option(help="Seed for noise, subsets and random probes.")] = 0,
+    base: Annotated[Optional[Path], typer.Option(help="Apply the correction to this model directory (e.g. an earlier unlearned model) instead of the recorded final model.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output model directory (default: <store>-unlearned-N next to the store).")] = None,
+    request_id: Annotated[Optional[str], typer.Option(help="Your id for this deletion request (recorded in the audit log; default: generated).")] = None,
+    reason: Annotated[Optional[str], typer.Option(help="Why, for the audit log (e.g. 'GDPR art. 17 request').")] = None,
+    requested_by: Annotated[Optional[str], typer.Option(help="Who asked, for the audit log.")] = None,
+    keep_data: Annotated[bool, typer.Option(help="Keep the forgotten samples' tokens in the store (default: scrub them; the audit record says which).")] = False,
+    dry_run: Annotated[bool, typer.Option(help="Print the plan (steps touched, products needed, time estimate) and exit.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
+) -> None:
+    """Make the recorded model forget samples, and write the unlearned model.
+
+    LMCleaner injects each forget sample's recorded update at every step it was seen and propagates
+    it through the following steps with curvature products taken at the recorded parameters.
+    """
+    s = TrajectoryStore(store)
+    forget_set, description = resolve_forget(s, forget=forget, forget_data=forget_data, steps=steps, level=level)
+    if K is None and method == "lmcleaner":
+        K = 800
+    options = UnlearnOptions(
+        method=method, K=K, fraction=fraction, noise=noise, seed=seed,
+        propagation=PropagationSettings(damping=damping, on_divergence=on_divergence, curvature_batch=curvature_batch,
+                                        operator=OperatorSettings(hvp=hvp, rank=rank, refresh=refresh, seed=seed)))
+    if dry_run:
+        check_not_tombstoned(s.path, description.get("sample_ids", []))
+        data = {**plan(s, forget_set, options), **{k: v for k, v in description.items() if k != "fingerprints"}}
+        if json_out:
+            print_json(data)
+        else:
+            for key, value in data.items():
+                err.print(f"{key:28s} {value}")
+        return
+    target = out or default_out(Path(store))
+    if description.get("level") == "batch":
+        err.print(f"batch level: removing {len(description['steps'])} steps whole, taking "
+                  f"{description['collateral_samples']} other samples' terms with them")
+    span = plan_span(s, forget_set, options)
+    with progress_bar(f"{method}", total=span, fields="‖v‖ {task.fields[vnorm]:.3e}", enabled=not json_out) as advance:
+        report = run_unlearn(s, forget_set, description, options, target, base=base,
+                             progress=lambda t, n: advance(1, vnorm=n),
+                             request=Request(request_id, reason, requested_by, keep_data))
+    if json_out:
+        print_json(report)
+        return
+    err.print(f"[green]unlearned[/] {len(description.get('sample_ids', []))} samples / {len(report['steps_touched'])} steps with "
+              f"{report['method']} in {report['wall_seconds']} s ({report['curvature_products']} curvature products, "
+              f"‖Δθ‖ {report['delta_norm']:.3e}); model written to {target}")
+    for note in report["notes"]:
+        err.print(f"note: {note}")
+    scrubbed = f"; scrubbed their tokens from {report['scrubbed_steps']} steps" if "scrubbed_steps" in report else " (data kept)"
+    err.print(f"audit record {report['audit_seq']} (request {report['request_id']}){scrubbed}")
+
+
+def plan_span(store: TrajectoryStore, forget_set, options: UnlearnOptions) -> int:  # noqa: ANN001
+    ids = store.all_sample_ids()
+    import numpy as np
+
+    steps = sorted(forget_set.steps) or [int(t) for t in np.nonzero(np.isin(ids, list(forget_set.sample_ids)).any(axis=1))[0]]
+    if not steps:
+        return 1
+    if options.method == "rollback":
+        return steps[-1] - steps[0] + 1
+    end = store.committed_steps if options.K is None else min(store.committed_steps, steps[-1] + options.K + 1)
+    return max(1, end - steps[0])
+
+
+def register(app: typer.Typer) -> None:
+    app.command("unlearn")(unlearn)

@@ -1,0 +1,209 @@
+"""The trajectory store round trip: every recorded row, checkpoints, θ replay, bf16, damage, versions."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from conftest import tiny_config, write_rows
+
+from lmclean.errors import InputNotFoundError, StoreError, StoreVersionError
+from lmclean.objective import CausalLMObjective, loss_of
+from lmclean.store.reader import TrajectoryStore
+from lmclean.store.summary import summarize
+from lmclean.store.writer import store_size_bytes
+from lmclean.train.model import model_from_config_dict
+from lmclean.train.optim import lr_at
+from lmclean.train.recorder import checkpoint_plan
+from lmclean.train.trainer import TrainResult, train
+
+# 24 samples, batch 4, 2 epochs = 12 steps; checkpoints every 5 -> 0, 5, 10 and the final 12.
+STEPS, CHECKPOINTS = 12, [0, 5, 10, 12]
+SGD = {"train.momentum": 0.9, "train.weight_decay": 0.01, "record.checkpoint_every": 5, "train.warmup_steps": 2}
+ADAMW = {"train.optimizer": "adamw", "train.lr": 0.01, "train.weight_decay": 0.1, "record.checkpoint_every": 5}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, TrainResult]:
+    """Three tiny recordings shared by the module: SGD fp32, SGD bf16 (same run), AdamW fp32."""
+    tmp = tmp_path_factory.mktemp("store")
+    data = write_rows(tmp / "data.jsonl")
+    return {
+        "sgd": train(tiny_config(data, **SGD), tmp / "sgd.zarr"),
+        "bf16": train(tiny_config(data, **SGD, **{"record.precision": "bf16"}), tmp / "bf16.zarr"),
+        "adamw": train(tiny_config(data, **ADAMW), tmp / "adamw.zarr"),
+    }
+
+
+def _saved_theta(store: TrajectoryStore) -> torch.Tensor:
+    """θ of the Hugging Face model saved in STORE/model, flattened in manifest order."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(store.model_dir)
+    params = dict(model.named_parameters())
+    return torch.cat([params[e.name].detach().reshape(-1) for e in store.manifest.entries])
+
+
+def _copy(result: TrainResult, tmp_path: Path) -> Path:
+    dst = tmp_path / "copy.zarr"
+    shutil.copytree(result.store, dst)
+    return dst
+
+
+def test_every_step_row_round_trips(runs: dict[str, TrainResult]) -> None:
+    res = runs["sgd"]
+    store = TrajectoryStore(res.store)
+    cfg, plan, dataset = res.run.cfg, res.run.plan, res.run.dataset
+    assert (store.committed_steps, store.planned_steps, store.closed) == (STEPS, STEPS, True)
+    model = model_from_config_dict(store.meta["model_config"])  # an independent skeleton
+    for t, theta, _ in store.iter_states(0, STEPS - 1):
+        rec = store.step(t)
+        assert rec.lr == lr_at(t, STEPS, cfg.train)
+        assert rec.sample_ids.tolist() == plan[t]
+        assert rec.weights.tolist() == [1 / len(plan[t])] * len(plan[t])
+        for row, n, sid in zip(rec.tokens, rec.lengths, rec.sample_ids):
+            assert tuple(row[:n].tolist()) == dataset.by_id[int(sid)].token_ids
+        # the stored gradient is the gradient of the stored loss at θ[t], recomputed from scratch
+        params = {k: v.clone().requires_grad_(True) for k, v in store.manifest.views(theta).items()}
+        obj = CausalLMObjective(model, torch.from_numpy(rec.tokens).long(), torch.from_numpy(rec.lengths).long(),
+                                torch.from_numpy(rec.weights))
+        loss = loss_of(obj, params)
+        grads = torch.autograd.grad(loss, list(params.values()))
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        torch.testing.assert_close(loss.item(), rec.loss, rtol=1e-6, atol=0)
+        torch.testing.assert_close(store.grad(t), flat, rtol=1e-5, atol=1e-7)
+        assert rec.grad_norm == pytest.approx(float(flat.double().norm()), rel=1e-5)
+
+
+def test_checkpoints_at_planned_steps_and_replay_reaches_them_bitwise(runs: dict[str, TrainResult]) -> None:
+    store = TrajectoryStore(runs["sgd"].store)
+    assert store.checkpoint_steps == CHECKPOINTS == checkpoint_plan(STEPS, 5) == store.meta["checkpoint_plan"]
+    states = {t: (theta.clone(), {k: v.clone() for k, v in st.items()}) for t, theta, st in store.iter_states(0, STEPS)}
+    for c in CHECKPOINTS[1:]:  # replay from step 0 lands on every later checkpoint, optimizer state included
+        ck_theta, ck_state = store.checkpoint(c)
+        assert torch.equal(states[c][0], ck_theta)
+        assert torch.equal(states[c][1]["momentum_buffer"], ck_state["momentum_buffer"])
+    theta11, _ = store.theta_at(11)  # from checkpoint 10 + one step
+    assert torch.equal(theta11, states[11][0])
+    with pytest.raises(StoreError, match="no committed checkpoint at step 3"):
+        store.checkpoint(3)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_theta_rebuilt_at_the_last_step_equals_the_saved_model_bitwise(runs: dict[str, TrainResult], name: str) -> None:
+    store = TrajectoryStore(runs[name].store)
+    saved = _saved_theta(store)
+    final, _ = store.theta_at(store.committed_steps)
+    assert torch.equal(final, saved)
+    for t, theta, _ in store.iter_states(0, STEPS):  # every step replayed from the step-0 checkpoint
+        pass
+    assert t == STEPS and torch.equal(theta, saved)
+    assert not torch.equal(store.checkpoint(0)[0], saved)  # training moved θ
+
+
+# bf16 gradients keep 8 significant bits. Replaying all 12 steps from step 0 with them: measured
+# max |Δθ| 3.4e-4 (θ entries up to 1.2) and ‖Δθ‖ = 0.07% of ‖θ[12] − θ[0]‖; from the step-10
+# checkpoint 7e-6. Stated tolerance: max |Δθ| <= 1e-3 and ‖Δθ‖ <= 0.5% of the total update.
+BF16_ATOL, BF16_REL_UPDATE = 1e-3, 5e-3
+
+
+def test_bf16_store_is_the_rounded_gradient_smaller_and_replays_within_tolerance(runs: dict[str, TrainResult]) -> None:
+    fp32, bf16 = TrajectoryStore(runs["sgd"].store), TrajectoryStore(runs["bf16"].store)
+    arr = zarr.open_array(str(bf16.path / "steps" / "grad"), mode="r")
+    assert arr.dtype == np.uint16 and bf16.meta["precision"] == "bf16"
+    assert zarr.open_array(str(fp32.path / "steps" / "grad"), mode="r").dtype == np.float32
+    for t in range(STEPS):  # exactly the fp32 gradient rounded to bfloat16
+        assert torch.equal(bf16.grad(t), fp32.grad(t).bfloat16().float())
+    saved = _saved_theta(bf16)
+    assert torch.equal(saved, _saved_theta(fp32))  # recording precision does not change training
+    for _, theta, _ in bf16.iter_states(0, STEPS):
+        pass
+    err = theta - saved
+    assert 0 < err.abs().max() <= BF16_ATOL
+    assert err.norm() <= BF16_REL_UPDATE * (saved - bf16.checkpoint(0)[0]).norm()
+    for _, theta, _ in bf16.iter_states(10, STEPS):  # the nearest checkpoint bounds the error
+        pass
+    assert (theta - saved).abs().max() <= BF16_ATOL / 20
+    assert store_size_bytes(bf16.path, "steps/grad") < 0.6 * store_size_bytes(fp32.path, "steps/grad")
+
+
+def test_missing_chunks_are_errors_naming_array_and_step_never_zeros(runs: dict[str, TrainResult], tmp_path: Path) -> None:
+    path = _copy(runs["sgd"], tmp_path)
+    (path / "steps" / "grad" / "c" / "5" / "0").unlink()
+    (path / "steps" / "sample_ids" / "c" / "3" / "0").unlink()
+    (path / "checkpoints" / "theta" / "c" / "2" / "0").unlink()  # row 2 = the checkpoint of step 10
+    store = TrajectoryStore(path)
+    with pytest.raises(StoreError, match=r"array steps/grad has no data at step 5 \(chunk file missing\)"):
+        store.grad(5)
+    with pytest.raises(StoreError, match="array steps/grad has no data at step 5"):
+        for _ in store.iter_states(0, STEPS):
+            pass
+    with pytest.raises(StoreError, match="array steps/sample_ids has no data at step 3"):
+        store.step(3)
+    with pytest.raises(StoreError, match="array steps/sample_ids has no data at step 3"):
+        store.all_sample_ids()
+    with pytest.raises(StoreError, match=r"array checkpoints/theta has no data at row 2 \(checkpoint of step 10\)"):
+        store.theta_at(11)
+    assert torch.equal(store.grad(4), TrajectoryStore(runs["sgd"].store).grad(4))  # the rest reads fine
+
+
+def test_corrupted_chunk_is_an_error(runs: dict[str, TrainResult], tmp_path: Path) -> None:
+    path = _copy(runs["sgd"], tmp_path)
+    (path / "steps" / "grad" / "c" / "2" / "0").write_bytes(b"not a blosc frame")
+    with pytest.raises(StoreError, match="array steps/grad at step 2 is unreadable"):
+        TrajectoryStore(path).grad(2)
+
+
+def test_other_format_version_is_refused(runs: dict[str, TrainResult], tmp_path: Path) -> None:
+    path = _copy(runs["sgd"], tmp_path)
+    group = zarr.open_group(str(path), mode="r+")
+    meta = dict(group.attrs["lmclean"])
+    meta["format_version"] = 2
+    group.attrs["lmclean"] = meta
+    with pytest.raises(StoreVersionError) as info:
+        TrajectoryStore(path)
+    assert "format version 2" in str(info.value) and "reads version 1" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_not_a_store_is_a_one_line_error(tmp_path: Path) -> None:
+    for path in [tmp_path / "missing", tmp_path]:
+        with pytest.raises(InputNotFoundError, match=f"no lmclean store at {path};"):
+            TrajectoryStore(path)
+    zarr.open_group(str(tmp_path / "plain.zarr"), mode="w")
+    with pytest.raises(StoreError, match="not an lmclean store"):
+        TrajectoryStore(tmp_path / "plain.zarr")
+
+
+def test_only_committed_steps_are_visible(runs: dict[str, TrainResult], tmp_path: Path) -> None:
+    """A store whose COMMIT.json says 7 steps (as after a crash) shows 7, whatever chunks lie beyond."""
+    path = _copy(runs["sgd"], tmp_path)
+    (path / "COMMIT.json").write_text(json.dumps({"committed_steps": 7, "checkpoints": [0, 5], "closed": False}))
+    store = TrajectoryStore(path)
+    assert (store.committed_steps, store.closed, store.checkpoint_steps) == (7, False, [0, 5])
+    assert len(store.scalars("loss")) == 7 and store.all_sample_ids().shape == (7, 4)
+    with pytest.raises(StoreError, match=r"step 7 is not recorded .* committed steps are 0..6"):
+        store.step(7)
+    with pytest.raises(StoreError, match="beyond the 7 committed steps"):
+        next(store.iter_states(0, 8))
+    with pytest.raises(StoreError, match="no committed checkpoint at step 10"):
+        store.checkpoint(10)
+    assert torch.equal(store.theta_at(7)[0], TrajectoryStore(runs["sgd"].store).theta_at(7)[0])
+
+
+def test_summary_reports_steps_bytes_and_compression(runs: dict[str, TrainResult]) -> None:
+    store = TrajectoryStore(runs["sgd"].store)
+    s = summarize(store)
+    P = store.manifest.size
+    assert s["steps"] == {"committed": STEPS, "planned": STEPS, "closed": True, "epochs": 2.0, "batch_size": 4}
+    assert s["model"]["parameters"] == P == runs["sgd"].run.manifest.size
+    assert s["bytes"]["gradients_raw_fp32"] == STEPS * P * 4
+    grad_disk = store_size_bytes(store.path, "steps/grad")
+    assert s["bytes"]["compression_vs_fp32"] == round(STEPS * P * 4 / grad_disk, 3) > 1
+    assert s["samples"] == {"in_dataset": 24, "seen": 24, "excluded": 0}
+    assert s["checkpoints"] == CHECKPOINTS and len(s["loss"]["sparkline"]) == STEPS
+    assert s["loss"]["last"] < s["loss"]["first"]
