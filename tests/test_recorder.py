@@ -161,3 +161,40 @@ def test_close_with_missing_steps_is_an_error(tmp_path: Path) -> None:
     store = TrajectoryStore(tmp_path / "b.zarr")
     assert not store.closed and store.step(0).sample_ids.tolist() == [1, 2]
     assert np.array_equal(store.grad(0).numpy(), np.ones(8, dtype=np.float32))
+
+
+def test_writer_queue_is_bounded_training_waits_for_the_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from lmclean.store.writer import StoreWriter
+
+    gate = threading.Event()
+    original = StoreWriter._write_step
+
+    def slow_write(self, row):  # a disk that stalls until the gate opens
+        gate.wait(10)
+        original(self, row)
+
+    monkeypatch.setattr(StoreWriter, "_write_step", slow_write)
+    rec = _small_recorder(tmp_path / "q.zarr", queue_size=1)
+    rec.record_step(0, **_row(theta=torch.zeros(8)))  # checkpoint row + step row
+    rec.record_step(1, **_row(theta=None))
+    third = threading.Thread(target=lambda: rec.record_step(2, **_row(theta=torch.zeros(8))))
+    third.start()
+    third.join(0.3)
+    assert third.is_alive() and rec.writer._queue.qsize() <= 1  # blocked: back-pressure, not buffering
+    gate.set()
+    third.join(10)
+    assert not third.is_alive()
+    rec.close(3, torch.zeros(8), {})
+    store = TrajectoryStore(tmp_path / "q.zarr")
+    assert store.closed and store.committed_steps == 3 and store.checkpoint_steps == [0, 2, 3]
+
+
+def test_progress_rate_ignores_the_first_step() -> None:
+    from lmclean.cli.record import _Rate
+
+    rate = _Rate()
+    assert np.isnan(rate.tick())
+    rate.t0 -= 1.0  # pretend the first step was a second ago
+    assert 0.9 < rate.tick() < 1.1

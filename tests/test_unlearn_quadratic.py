@@ -48,6 +48,16 @@ def test_sample_level_equals_retraining(rule: SGDRule) -> None:
     torch.testing.assert_close(run.thetas[-1] + replay(run, ForgetSet(sample_ids=forget)).delta, retrained, rtol=0, atol=TOL)
 
 
+def test_forgetting_a_whole_batch_at_sample_level() -> None:
+    """A step whose every sample is forgotten keeps its (zero-data) update; no empty-batch products."""
+    run = make_run(SGDRule(momentum=0.9, weight_decay=0.01))
+    forget = set(run.batches[2]) | {run.batches[7][0]}
+    retrained = run.run(exclude=forget)[0][-1]
+    torch.testing.assert_close(run.thetas[-1] + propagate(run, ForgetSet(sample_ids=forget), exact(K=10_000)).delta,
+                               retrained, rtol=0, atol=TOL)
+    torch.testing.assert_close(run.thetas[-1] + replay(run, ForgetSet(sample_ids=forget)).delta, retrained, rtol=0, atol=TOL)
+
+
 @pytest.mark.parametrize("rule", RULES, ids=["sgd", "momentum", "momentum+wd"])
 def test_batch_level_equals_retraining(rule: SGDRule) -> None:
     run = make_run(rule)

@@ -30,6 +30,7 @@ from zarr.core.buffer import cpu
 from zarr.storage import MemoryStore
 
 from lmclean.audit.log import AuditLog, utc_now
+from lmclean._faults import crash_point
 from lmclean.errors import AuditError, DataError, InputNotFoundError, StoreError
 
 __all__ = [
@@ -181,6 +182,7 @@ def _rewrite_chunk(store: Path, name: str, meta: bytes, index: int, data: np.nda
     """Re-encode one chunk of array ``name`` with zarr's own codecs and replace its file atomically."""
     key, raw = _encode_chunk(meta, index, data)
     _atomic_write_bytes(store / name / key, raw, dirs)
+    crash_point("scrub:after-chunk")
 
 
 # -- reading -------------------------------------------------------------------------------------

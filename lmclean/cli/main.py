@@ -44,3 +44,7 @@ for _name in ("unlearn", "audit", "eval"):
     except ModuleNotFoundError as exc:
         if exc.name != f"lmclean.cli.{_name}":
             raise
+
+
+if __name__ == "__main__":
+    app()

@@ -29,6 +29,8 @@ def unlearn(
     damping: Annotated[float, typer.Option(help="Add damping·I to the curvature: more stable, slightly biased.")] = 1e-4,
     on_divergence: Annotated[str, typer.Option(help="When ‖v‖ blows up: stop (error naming the step) or damp (raise damping and retry).")] = "stop",
     curvature_batch: Annotated[str, typer.Option(help="retained: curvature of the batch without the forget set (exact for quadratics); full: the recorded batch (exactly linear in requests).")] = "retained",
+    tail: Annotated[str, typer.Option(help="Past the K window: carry the correction unchanged (paper) or keep propagating it with cheap low-rank curvature.")] = "carry",
+    stabilize: Annotated[bool, typer.Option(help="Clip curvature steps where η·λ > 2 so the propagation stays non-expansive (PSD curvature only).")] = True,
     rank: Annotated[int, typer.Option(help="lowrank: eigenpairs per anchor step.")] = 8,
     refresh: Annotated[int, typer.Option(help="lowrank/diag: reuse an anchor's curvature for this many steps.")] = 100,
     fraction: Annotated[Optional[float], typer.Option(help="replay: estimate the gradient change on this fraction of each batch (control variate).")] = None,
@@ -54,7 +56,7 @@ def unlearn(
         K = 800
     options = UnlearnOptions(
         method=method, K=K, fraction=fraction, noise=noise, seed=seed,
-        propagation=PropagationSettings(damping=damping, on_divergence=on_divergence, curvature_batch=curvature_batch,
+        propagation=PropagationSettings(damping=damping, on_divergence=on_divergence, curvature_batch=curvature_batch, tail=tail, stabilize=stabilize,
                                         operator=OperatorSettings(hvp=hvp, rank=rank, refresh=refresh, seed=seed)))
     if dry_run:
         check_not_tombstoned(s.path, description.get("sample_ids", []))
@@ -70,7 +72,7 @@ def unlearn(
         err.print(f"batch level: removing {len(description['steps'])} steps whole, taking "
                   f"{description['collateral_samples']} other samples' terms with them")
     span = plan_span(s, forget_set, options)
-    with progress_bar(f"{method}", total=span, fields="‖v‖ {task.fields[vnorm]:.3e}", enabled=not json_out) as advance:
+    with progress_bar(f"{method}", total=span, fields="‖v‖ {task.fields[vnorm]:.3e}", enabled=not json_out, lazy=True) as advance:
         report = run_unlearn(s, forget_set, description, options, target, base=base,
                              progress=lambda t, n: advance(1, vnorm=n),
                              request=Request(request_id, reason, requested_by, keep_data))
@@ -95,7 +97,8 @@ def plan_span(store: TrajectoryStore, forget_set, options: UnlearnOptions) -> in
         return 1
     if options.method == "rollback":
         return steps[-1] - steps[0] + 1
-    end = store.committed_steps if options.K is None else min(store.committed_steps, steps[-1] + options.K + 1)
+    to_end = options.K is None or (options.method == "lmcleaner" and options.propagation.tail == "lowrank")
+    end = store.committed_steps if to_end else min(store.committed_steps, steps[-1] + options.K + 1)
     return max(1, end - steps[0])
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from lmclean._faults import crash_point
 from lmclean.errors import ConfigError, InputNotFoundError
 from lmclean.train.flat import ParamManifest, flat_params
 
@@ -65,6 +66,8 @@ def save_model(model: torch.nn.Module, tokenizer: Any, out: Path, extra_files: d
     out.parent.mkdir(parents=True, exist_ok=True)
     from transformers.utils import logging as hf_logging
 
+    for stale in out.parent.glob(f".{out.name}.*.partial"):  # left by a crashed earlier save
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     hf_logging.disable_progress_bar()  # our messages go to stderr; no tqdm bar per shard
     try:
@@ -73,6 +76,7 @@ def save_model(model: torch.nn.Module, tokenizer: Any, out: Path, extra_files: d
             tokenizer.save_pretrained(tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
+        crash_point("save-model:before-rename")
         if out.exists():
             old = out.with_name(f".{out.name}.old.{os.getpid()}")
             os.replace(out, old)

@@ -120,9 +120,10 @@ class Recorder:
     def record_step(self, step: int, *, lr: float, loss: float, sample_ids: list[int] | np.ndarray,
                     weights: list[float] | np.ndarray | torch.Tensor, input_ids: torch.Tensor,
                     lengths: torch.Tensor, grad: torch.Tensor, theta: torch.Tensor | None = None,
-                    opt_state: dict[str, torch.Tensor] | None = None) -> None:
+                    opt_state: dict[str, torch.Tensor] | None = None, copy: bool = True) -> None:
         """Record step `step`: call after backward, before the update. `grad` is the flat mean batch
-        gradient (P,); `theta`/`opt_state` are needed on checkpoint steps (see needs_checkpoint)."""
+        gradient (P,); `theta`/`opt_state` are needed on checkpoint steps (see needs_checkpoint).
+        `copy=False` hands over `grad` without copying it: the caller must never modify it again."""
         w = weights.detach().cpu().numpy() if isinstance(weights, torch.Tensor) else np.asarray(weights)
         b = len(sample_ids)
         if not (len(w) == b == input_ids.shape[0] == lengths.shape[0]):
@@ -142,7 +143,7 @@ class Recorder:
         if self.precision == "bf16":  # converted here: torch ops on the writer thread would fight for the cores
             bits = g.to(torch.bfloat16, copy=True).view(torch.int16).cpu().numpy().view(np.uint16)
         self.writer.put(StepRow(
-            step=step, lr=float(lr), loss=float(loss), grad=g.float().cpu().numpy().copy(), grad_bits=bits,
+            step=step, lr=float(lr), loss=float(loss), grad=_owned(g.float().cpu().numpy(), copy), grad_bits=bits,
             sample_ids=np.asarray(sample_ids, dtype=np.int64), weights=w.astype(np.float64),
             tokens=input_ids.detach().cpu().numpy().astype(np.int32), lengths=lengths.detach().cpu().numpy().astype(np.int32)))
 
@@ -208,3 +209,7 @@ def torch_optimizer_state(optimizer: torch.optim.Optimizer, model: torch.nn.Modu
             parts.append(torch.zeros(e.numel) if value is None else value.detach().reshape(-1).float())
         out[name] = torch.cat(parts)
     return out
+
+
+def _owned(a: np.ndarray, copy: bool) -> np.ndarray:
+    return a.copy() if copy else a

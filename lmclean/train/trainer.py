@@ -91,6 +91,44 @@ class _NullRecorder:
 def train(cfg: LmcleanConfig, store: Path | None, *, exclude: list[int] | None = None, resume: bool = False,
           overwrite: bool = False, base: Path | None = None, on_step: StepCallback | None = None,
           save_final: bool = True, on_start: StartCallback | None = None) -> TrainResult:
+    """Train and record into `store` (None: train only), holding the store lock, and append the
+    run to the store's audit log ("record" or "resume")."""
+    from lmclean.audit import StoreLock, finish_pending_scrub, record_event
+
+    kwargs = dict(exclude=exclude, overwrite=overwrite, base=base, on_step=on_step, save_final=save_final,
+                  on_start=on_start)
+    if store is None:
+        return _train(cfg, None, resume=False, **kwargs)
+    store = Path(store)
+    if (store / "zarr.json").exists() and (resume or overwrite):
+        with StoreLock(store, "record --resume" if resume else "record --overwrite"):
+            if resume:
+                finish_pending_scrub(store)
+    began = time.perf_counter()
+    holder: list[StoreLock] = []
+
+    def locked_start(start: int, total: int) -> None:  # the store exists from here on: lock it
+        if not holder:
+            holder.append(StoreLock(store, "record --resume" if resume else "record"))
+            holder[0].acquire()
+        if on_start:
+            on_start(start, total)
+
+    kwargs["on_start"] = locked_start
+    try:
+        result = _train(cfg, store, resume=resume, **kwargs)
+        record_event(store, "resume" if resume else "record", cfg, result.steps, result.model_dir,
+                     time.perf_counter() - began, start_step=result.start_step if resume else None,
+                     excluded_ids=sorted(exclude or []))
+        return result
+    finally:
+        if holder:
+            holder[0].release()
+
+
+def _train(cfg: LmcleanConfig, store: Path | None, *, exclude: list[int] | None = None, resume: bool = False,
+           overwrite: bool = False, base: Path | None = None, on_step: StepCallback | None = None,
+           save_final: bool = True, on_start: StartCallback | None = None) -> TrainResult:
     run = prepare(cfg, base)
     excluded = set(exclude or [])
     unknown = sorted(excluded - set(run.dataset.by_id))
@@ -138,7 +176,8 @@ def train(cfg: LmcleanConfig, store: Path | None, *, exclude: list[int] | None =
                 loss_value = 0.0
                 grad = torch.zeros_like(theta)
             recorder.record_step(t, lr=lr, loss=loss_value, sample_ids=kept, weights=weights,
-                                 input_ids=input_ids, lengths=lengths, grad=grad, theta=theta, opt_state=state)
+                                 input_ids=input_ids, lengths=lengths, grad=grad, theta=theta, opt_state=state,
+                                 copy=False)  # grad is a fresh tensor that the update only reads
             with torch.no_grad():
                 rule.step(theta, grad, lr, state, t)
             if on_step:

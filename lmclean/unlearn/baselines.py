@@ -72,7 +72,9 @@ def replay(traj: Trajectory, forget: ForgetSet, K: int | None = None, fraction: 
             pass  # the step never happened: θ' and the optimizer state stay as they are
         else:
             retained = [int(i) for i in info.sample_ids if int(i) not in forget.sample_ids]
-            if fraction is None or fraction >= 1 or len(retained) < 2:
+            if not retained:  # every sample of the step is forgotten: no data term
+                g = torch.zeros_like(theta_cf)
+            elif fraction is None or fraction >= 1 or len(retained) < 2:
                 g = flat_grad(traj.objective(t, retained), traj.manifest, theta_cf)
                 result.gradients += 1
             else:

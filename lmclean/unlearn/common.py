@@ -48,6 +48,7 @@ class SweepResult:
     notes: list[str] = field(default_factory=list)
     damping: float = 0.0
     divergence: str = "ok"
+    clipped_steps: int = 0
 
 
 def flat_grad(obj: Objective, manifest: ParamManifest, theta: Tensor) -> Tensor:

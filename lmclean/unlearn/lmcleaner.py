@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lmclean.errors import DivergenceError, UnsupportedError
+from lmclean.errors import ConfigError, DivergenceError, UnsupportedError
 from lmclean.train.optim import SGDRule
 from lmclean.unlearn.common import ForgetSet, SweepResult, flat_grad, update_of_step
 from lmclean.unlearn.operators import CurvatureOperator, OperatorSettings
@@ -38,6 +38,15 @@ class PropagationSettings:
     # "retained": H_t of L_t^{−F} (exact for quadratics); "full": H_t of the recorded L_t, which makes
     # the map from forget sets to corrections exactly linear (superposition) at second-order cost.
     curvature_batch: str = "retained"
+    # Past the K window: "carry" v unchanged (the paper), or keep propagating it with "lowrank"
+    # curvature (top-r GGN eigenpairs at anchor steps, reused for `refresh` steps: cheap).
+    tail: str = "carry"
+    # Keep each linearised step non-expansive for PSD curvature: where η_t·λ(G) > 2 (training at the
+    # edge of stability) (I − ηG) flips and grows v, which the real dynamics do not do. The curvature
+    # term's step is clipped to c = min(η, 1.9·vᵀGv/‖Gv‖²), which guarantees ‖v − cGv‖ ≤ ‖v‖ at
+    # no extra product. Never applied to the indefinite exact Hessian.
+    stabilize: bool = True
+    tail_operator: OperatorSettings = field(default_factory=lambda: OperatorSettings(hvp="lowrank"))
     operator: OperatorSettings = field(default_factory=OperatorSettings)
 
 
@@ -75,12 +84,16 @@ def _sweep(traj: Trajectory, forget: ForgetSet, settings: PropagationSettings, d
         return SweepResult(torch.zeros(traj.manifest.size), "lmcleaner", [], (tau, tau), damping=damping,
                            notes=["no recorded step contains the forget set: nothing to do"])
     first, last = min(affected), max(affected)
-    stop = min(tau, last + settings.K + 1)  # propagate steps first..stop-1, then carry
+    stop = min(tau, last + settings.K + 1)  # propagate steps first..stop-1, then carry (or tail)
+    if settings.tail not in ("carry", "lowrank"):
+        raise ConfigError(f"--tail {settings.tail!r} must be carry or lowrank")
+    end = tau if settings.tail == "lowrank" else stop
     op = CurvatureOperator(settings.operator, traj.manifest)
+    tail_op = CurvatureOperator(settings.tail_operator, traj.manifest)
     v = m = None  # (P,) perturbations of θ and of the momentum buffer
     reference = 0.0
-    result = SweepResult(torch.zeros(0), "lmcleaner", sorted(affected), (first, stop), damping=damping)
-    for t, theta, state in traj.states(first, stop - 1):
+    result = SweepResult(torch.zeros(0), "lmcleaner", sorted(affected), (first, end), damping=damping)
+    for t, theta, state in traj.states(first, end - 1):
         if v is None:
             v, m = torch.zeros_like(theta), torch.zeros_like(theta)
         info = traj.batch(t)
@@ -91,10 +104,17 @@ def _sweep(traj: Trajectory, forget: ForgetSet, settings: PropagationSettings, d
                 m -= dstate["momentum_buffer"]
         else:
             d = torch.zeros_like(theta)
-            if torch.any(v != 0):
+            if torch.any(v != 0) and (settings.curvature_batch == "full" or
+                                      any(int(i) not in forget.sample_ids for i in info.sample_ids)):
                 retained = [int(i) for i in info.sample_ids
                             if settings.curvature_batch == "full" or int(i) not in forget.sample_ids]
-                hv = op.at(t, theta, traj.objective(t, retained), lambda: traj.stored_grad(t))(v)
+                operator = op if t < stop else tail_op
+                hv = operator.at(t, theta, traj.objective(t, retained), lambda: traj.stored_grad(t))(v)
+                if settings.stabilize and (settings.operator.hvp != "exact" or t >= stop):
+                    scale = _stable_scale(v, hv, info.lr)
+                    if scale < 1.0:
+                        hv = hv * scale
+                        result.clipped_steps += 1
                 d += hv + (rule.weight_decay + damping) * v
             if t in affected:
                 d -= flat_grad(traj.objective(t, affected[t]), traj.manifest, theta)
@@ -116,8 +136,22 @@ def _sweep(traj: Trajectory, forget: ForgetSet, settings: PropagationSettings, d
                 f"post-injection size {reference:.3g} (hvp={settings.operator.hvp}, damping={damping:g}); "
                 "raise --damping, lower --K, use --hvp ggn, or pass --on-divergence damp")
     result.delta = v if v is not None else torch.zeros(traj.manifest.size)
-    result.products = op.products
+    result.products = op.products + tail_op.products
+    if result.clipped_steps:
+        result.notes.append(f"{result.clipped_steps} steps had η·λ(H) > 2 along v; their curvature step was clipped "
+                            "to stay non-expansive (--no-stabilize to disable)")
     if stop < tau:
-        result.notes.append(f"propagated {stop - first} steps ({first}..{stop - 1}); the correction is carried "
-                            f"unchanged over the last {tau - stop} steps")
+        tail = ("propagated with low-rank curvature" if settings.tail == "lowrank" else "carried unchanged")
+        result.notes.append(f"propagated {stop - first} steps ({first}..{stop - 1}) with {settings.operator.hvp}; the "
+                            f"correction is {tail} over the last {tau - stop} steps")
     return result
+
+
+def _stable_scale(v: torch.Tensor, hv: torch.Tensor, lr: float) -> float:
+    """Factor s ≤ 1 so that ‖v − s·η·Hv‖ ≤ ‖v‖ (non-expansive step), 1 when the step already is."""
+    vhv = float(torch.dot(v, hv))
+    hh = float(torch.dot(hv, hv))
+    if vhv <= 0 or hh == 0:
+        return 1.0
+    limit = 1.9 * vhv / hh  # ‖v − c·Hv‖² ≤ ‖v‖²  ⟺  c ≤ 2 vᵀHv / ‖Hv‖²
+    return min(1.0, limit / lr)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 import lmclean
+from lmclean._faults import crash_point
 from lmclean.errors import ConfigError
 from lmclean.store.reader import TrajectoryStore
 from lmclean.train.data import load_tokenizer
@@ -63,32 +64,61 @@ def open_trajectory(store: TrajectoryStore) -> StoreTrajectory:
 
 
 def plan(store: TrajectoryStore, forget: ForgetSet, options: UnlearnOptions) -> dict[str, Any]:
-    """What a run would touch and roughly cost, timed on one real step (for --dry-run)."""
+    """What a run would touch and cost; the time estimate is timed on one real step (for --dry-run)."""
     traj = open_trajectory(store)
     affected = forget.affected(traj)
     tau = traj.n_steps
     if not affected:
-        return {"steps_touched": [], "note": "no recorded step contains the forget set"}
+        return {"method": options.method, "steps_touched": [], "note": "no recorded step contains the forget set"}
     first, last = min(affected), max(affected)
-    K = options.K
-    stop = tau if (K is None and options.method == "replay") else min(tau, last + (K if K is not None else tau) + 1)
-    if options.method == "rollback":
-        stop = last + 1
-    span = stop - first
-    products = span if options.method == "lmcleaner" and options.propagation.operator.hvp in ("exact", "ggn") else 0
-    started = time.perf_counter()
-    for t, theta, _ in traj.states(first, first):
-        from lmclean.unlearn.common import flat_grad
-
-        flat_grad(traj.objective(t, [int(i) for i in traj.batch(t).sample_ids]), traj.manifest, theta)
-    grad_seconds = time.perf_counter() - started
-    cost = {"lmcleaner": 2.5 if products else 0.6, "replay": 1.0 if not options.fraction else 2 * options.fraction + 0.2,
-            "rollback": len(affected) / max(1, span)}[options.method]
+    K = tau if options.K is None else options.K
+    stop = min(tau, last + K + 1)
+    prop = options.propagation
+    span = {"rollback": last + 1 - first}.get(options.method, stop - first)
+    grad_s, product_s = _time_one_step(traj, first, prop.operator.hvp if options.method == "lmcleaner" else None)
+    products = 0
+    if options.method == "lmcleaner":
+        op = prop.operator
+        per_anchor = {"lowrank": max(op.lanczos_iter, op.rank + 2), "diag": op.diag_probes}
+        products = span if op.hvp in ("exact", "ggn") else 0
+        if op.hvp in per_anchor:
+            products = -(-span // op.refresh) * per_anchor[op.hvp]
+        if prop.tail == "lowrank" and stop < tau:
+            products += -(-(tau - stop) // prop.tail_operator.refresh) * max(prop.tail_operator.lanczos_iter, prop.tail_operator.rank + 2)
+        seconds = products * product_s + len(affected) * grad_s
+    elif options.method == "replay":
+        seconds = span * grad_s * (1.0 if not options.fraction else 2 * options.fraction + 0.3)
+    else:
+        seconds = len(affected) * grad_s
     return {
         "method": options.method, "steps_touched": sorted(affected), "first_step": first, "last_step": last,
         "window": [first, stop], "propagated_steps": span, "carried_steps": tau - stop,
-        "curvature_products_needed": products, "estimated_seconds": round(span * cost * grad_seconds, 1),
+        "curvature_products_needed": products, "gradient_seconds": round(grad_s, 4),
+        "product_seconds": round(product_s, 4), "estimated_seconds": round(seconds, 1),
     }
+
+
+def _time_one_step(traj: StoreTrajectory, t: int, hvp: str | None) -> tuple[float, float]:
+    """Seconds of one gradient and one curvature product on step t's batch (after a warm-up)."""
+    from lmclean.curvature import get_product
+    from lmclean.unlearn.common import flat_grad
+
+    for _, theta, _ in traj.states(t, t):
+        obj = traj.objective(t, [int(i) for i in traj.batch(t).sample_ids])
+        timings = []
+        for _ in range(2):  # the first call pays one-off costs
+            began = time.perf_counter()
+            g = flat_grad(obj, traj.manifest, theta)
+            timings.append(time.perf_counter() - began)
+        grad_s, product_s = timings[-1], 0.0
+        if hvp in ("exact", "ggn", "lowrank", "diag"):
+            product = get_product("exact" if hvp == "exact" else "ggn")
+            for _ in range(2):
+                began = time.perf_counter()
+                product(obj, traj.manifest.views(theta), traj.manifest.views(g))
+                product_s = time.perf_counter() - began
+        return grad_s, product_s
+    return 0.0, 0.0
 
 
 def run_method(traj: StoreTrajectory, forget: ForgetSet, options: UnlearnOptions, progress: Progress | None) -> SweepResult:
@@ -139,6 +169,7 @@ def unlearn(store: TrajectoryStore, forget: ForgetSet, description: dict[str, An
         if request.request_id and AuditLog(store.path).latest(where={"request_id": request.request_id}):
             raise ConfigError(f"request id {request.request_id!r} is already in the audit log of {store.path}; use a new id")
         report, norms = compute_and_write(store, forget, description, options, out, base, progress)
+        crash_point("unlearn:after-model")
         record = unlearn_event(
             store.path, request_id=request.request_id, reason=request.reason, requested_by=request.requested_by,
             forget_ids=description.get("sample_ids", []), forget_fingerprints=description.get("fingerprints", []),
@@ -147,6 +178,7 @@ def unlearn(store: TrajectoryStore, forget: ForgetSet, description: dict[str, An
             curvature_products=report["curvature_products"], v_norms=norms,
             divergence_check=report["divergence_check"], model_before_dir=base or store.model_dir, output_dir=out,
             keep_data=request.keep_data, wall_time=report["wall_seconds"])
+        crash_point("unlearn:after-audit")
         report["audit_seq"] = record["seq"]
         report["request_id"] = record["request_id"]
         if not request.keep_data and description.get("sample_ids"):
@@ -171,6 +203,7 @@ def compute_and_write(store: TrajectoryStore, forget: ForgetSet, description: di
         theta_hat += options.noise * torch.randn(theta_hat.shape, generator=gen, dtype=theta_hat.dtype)
     if not torch.isfinite(theta_hat).all():
         raise ConfigError("the unlearned parameters are not finite; nothing was written (raise --damping or lower --K)")
+    crash_point("unlearn:after-compute")
     norms = [n for _, n in result.v_norms]
     report = {
         "lmclean_version": lmclean.__version__,

@@ -1,0 +1,5 @@
+"""`python -m lmclean` runs the CLI."""
+
+from lmclean.cli.main import app
+
+app()
