@@ -68,8 +68,7 @@ def add_unlearn(store: Path, out: Path, request_id: str, ids: list[int], before:
 def audited(recorded, tmp_path: Path) -> tuple[Path, Path, dict]:
     """A store with a `record` record and one `unlearn` record (scrubbed) plus the unlearned model."""
     src, cfg = recorded
-    store = Path(shutil.copytree(src, tmp_path / "store.zarr"))
-    record_event(store, "record", cfg, 12, store / "model", 4.2)
+    store = Path(shutil.copytree(src, tmp_path / "store.zarr"))  # `train` logged the `record` record
     out = perturbed_copy(store / "model", tmp_path / "unlearned")
     rec = add_unlearn(store, out, "r-1", [100, 105], store / "model")
     scrub_samples(store, [100, 105], rec["seq"])
@@ -138,6 +137,7 @@ def test_show_table_detail_and_json(audited) -> None:
 
 def test_show_store_without_log(recorded, tmp_path: Path) -> None:
     store = Path(shutil.copytree(recorded[0], tmp_path / "bare.zarr"))
+    (store / "audit.jsonl").unlink()  # as left by a Recorder-API run, which logs nothing
     res = invoke("audit", "show", store)
     assert res.exit_code == 0 and "no audit records yet" in res.stderr
     assert json.loads(invoke("audit", "show", store, "--json").stdout) == []
@@ -229,6 +229,7 @@ def test_verify_broken_lineage_and_unscrubbed_samples(audited, tmp_path: Path) -
 def test_verify_with_the_key(recorded, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     src, cfg = recorded
     store = Path(shutil.copytree(src, tmp_path / "signed.zarr"))
+    (store / "audit.jsonl").unlink()  # start a fresh chain, signed from its first record
     monkeypatch.setenv(KEY_ENV, "k1")
     record_event(store, "record", cfg, 12, store / "model", 1.0)
     res = invoke("audit", "verify", store, "--model", store / "model")

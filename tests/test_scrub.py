@@ -206,8 +206,7 @@ def test_finish_pending_scrub_reconciles_with_the_audit_log(store: Path) -> None
 
 def test_double_unlearn_is_refused_naming_the_record(store: Path) -> None:
     forget = forget_pair(store)
-    log = AuditLog(store)
-    log.append({"kind": "record"})
+    log = AuditLog(store)  # record 0 is the `record` run itself
     rec = log.append({"kind": "unlearn", "request_id": "r-gdpr-17", "forget_ids": forget, "keep_data": False})
     scrub_samples(store, forget, rec["seq"])
     with pytest.raises(AlreadyUnlearnedError) as info:

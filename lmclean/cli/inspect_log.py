@@ -8,6 +8,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.table import Table
 
+from lmclean.audit import pending_scrub, tombstones
 from lmclean.cli._app import handle_errors, out, print_json
 from lmclean.errors import DataError
 from lmclean.store.reader import TrajectoryStore
@@ -30,6 +31,10 @@ def inspect_log(
         data["sample"] = sample_report(s, sample)
     if step is not None:
         data["step"] = step_report(s, step)
+    data["tombstones"] = {str(i): seq for i, seq in sorted(tombstones(s.path).items())}
+    data["scrub_pending"] = pending_scrub(s.path) is not None
+    if sample is not None and str(sample) in data["tombstones"]:
+        data["sample"]["tombstoned_by_audit_record"] = data["tombstones"][str(sample)]
     if json_out:
         print_json(data)
         return
@@ -56,6 +61,7 @@ def _render(d: dict[str, Any]) -> None:
         ("gradients", f"{d['precision']} / {d['codec']}: {b['gradients_on_disk'] / 1e6:.1f} MB on disk vs {b['gradients_raw_fp32'] / 1e6:.1f} MB raw fp32 "
                       f"= {b['compression_vs_fp32']}x, {b['bytes_per_param_per_step']} bytes/param/step"),
         ("on disk", f"{b['on_disk'] / 1e6:.1f} MB in total"),
+        ("scrubbed", _tombstone_text(d)),
     ]
     for key, value in rows:
         table.add_row(key, value)
@@ -64,10 +70,22 @@ def _render(d: dict[str, Any]) -> None:
         occ = d["sample"]["occurrences"]
         out.print(f"sample {d['sample']['sample_id']} (fingerprint {str(d['sample']['fingerprint'])[:16]}…) seen {len(occ)} times: "
                   + ", ".join(f"step {o['step']} pos {o['position']}" for o in occ))
+        if "tombstoned_by_audit_record" in d["sample"]:
+            out.print(f"  unlearned and scrubbed by audit record {d['sample']['tombstoned_by_audit_record']}: its tokens are gone from the store")
     if "step" in d:
         s = d["step"]
         out.print(f"step {s['step']}: lr {s['lr']:.4g}, loss {s['loss']:.4f}, |g| {s['grad_norm']:.4g}, "
                   f"{s['tokens']} tokens, samples {s['sample_ids']}")
+
+
+def _tombstone_text(d: dict[str, Any]) -> str:
+    tomb = d.get("tombstones", {})
+    if not tomb:
+        text = "no samples unlearned and scrubbed"
+    else:
+        ids = ", ".join(f"{i} (audit record {seq})" for i, seq in list(tomb.items())[:6])
+        text = f"{len(tomb)} samples tombstoned, tokens overwritten: {ids}{', …' if len(tomb) > 6 else ''}"
+    return text + ("; [yellow]a scrub is pending[/]: the next unlearn or record --resume finishes it" if d.get("scrub_pending") else "")
 
 
 def _short(values: list[int]) -> str:
