@@ -88,6 +88,9 @@ def main() -> None:
     ap.add_argument("--forget", default="3,4,10-17", help="memorise: sample ids to forget")
     ap.add_argument("--early-steps", default="8-15", help="early: recorded steps to forget (batch level)")
     ap.add_argument("--workdir", type=Path, default=Path("runs/bench"))
+    ap.add_argument("--stores", type=Path, nargs=2, metavar=("FULL", "RETRAINED"),
+                    help="benchmark an existing pair instead of recording one, e.g. the TOFU example's "
+                         "runs/tofu/original.zarr runs/tofu/retrained.zarr with --forget 3960-3999")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, help="also write the rows as JSON here")
@@ -95,7 +98,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     full_path = args.workdir / args.scenario
-    if args.pretrain:
+    if args.pretrain and not args.stores:
         pre = args.workdir / "pretrain.zarr"
         if not (pre / "model" / "config.json").exists():
             train(config_mod.load(args.pretrain, []), pre, overwrite=True, base=args.pretrain.parent)
@@ -103,7 +106,7 @@ def main() -> None:
     if args.scenario == "memorise":
         forget = ForgetSet(sample_ids=set(parse_id_spec(args.forget)))
         exclude = sorted(forget.sample_ids)
-        full, ref = record_pair(args.config, args.overrides, exclude, full_path)
+        full, ref = args.stores or record_pair(args.config, args.overrides, exclude, full_path)
     else:
         full, _ = record_pair(args.config, args.overrides, [], full_path / "plain")
         steps = set(parse_id_spec(args.early_steps))

@@ -13,16 +13,23 @@ FORGET=3960-3999                    # TOFU forget01: the last 1% of full.jsonl (
 CONFIG=(examples/tofu/tofu_tiny.yaml --set "data.path=$RUN/subset.jsonl")
 
 mkdir -p "$RUN"
+"$PY" examples/tofu/make_subset.py "$TOFU/full.jsonl" "$RUN/retain.jsonl" --retain-only
 "$PY" examples/tofu/make_subset.py "$TOFU/full.jsonl" "$RUN/subset.jsonl"
 
-# 1. the original run, and the exact-retraining reference: the same run without the forget rows
+# 0. stage 1: a base model that has never seen the forget authors
+"$LM" record examples/tofu/tofu_pretrain.yaml --set "data.path=$RUN/retain.jsonl" --store "$RUN/pretrain.zarr" --overwrite
+CONFIG+=(--set "model.path=$RUN/pretrain.zarr/model")
+
+# 1. the recorded fine-tuning run, and the exact-retraining reference: the same run without the forget rows
 "$LM" record "${CONFIG[@]}" --store "$RUN/original.zarr" --overwrite
 "$LM" record "${CONFIG[@]}" --store "$RUN/retrained.zarr" --overwrite --exclude "$FORGET"
 
 # 2. unlearn the forget01 authors from the recorded run, three ways
-"$LM" unlearn "$RUN/original.zarr" --forget "$FORGET" --method rollback --out "$RUN/rollback"
-"$LM" unlearn "$RUN/original.zarr" --forget "$FORGET" --method lmcleaner --hvp ggn --out "$RUN/lmcleaner-ggn"
-"$LM" unlearn "$RUN/original.zarr" --forget "$FORGET" --method replay --out "$RUN/replay"
+# (--keep-data on the first two: the default scrub would make the store refuse the next request)
+"$LM" unlearn "$RUN/original.zarr" --forget "$FORGET" --method rollback --out "$RUN/rollback" --keep-data
+"$LM" unlearn "$RUN/original.zarr" --forget "$FORGET" --method lmcleaner --hvp ggn --out "$RUN/lmcleaner-ggn" --keep-data
+"$LM" unlearn "$RUN/original.zarr" --forget "$FORGET" --method replay --out "$RUN/replay" --reason "TOFU forget01"
+"$LM" audit verify "$RUN/original.zarr" --model "$RUN/replay"
 
 # 3. everything side by side with TOFU's metrics; the report also goes to $RUN/eval.json
 "$LM" eval original="$RUN/original.zarr/model" rollback="$RUN/rollback" lmcleaner-ggn="$RUN/lmcleaner-ggn" \

@@ -29,7 +29,7 @@ import zarr
 from zarr.core.buffer import cpu
 from zarr.storage import MemoryStore
 
-from lmclean.audit.log import AuditLog, utc_now
+from lmclean.audit.log import AuditLog, _fsync_dir, utc_now
 from lmclean._faults import crash_point
 from lmclean.errors import AuditError, DataError, InputNotFoundError, StoreError
 
@@ -74,19 +74,6 @@ class ScrubResult:
 
 
 # -- small file helpers --------------------------------------------------------------------------
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _atomic_write_bytes(path: Path, data: bytes, dirs: set[Path] | None = None) -> None:

@@ -27,7 +27,7 @@ import numpy as np
 
 from lmclean.errors import ConfigError, DataError, InputNotFoundError
 from lmclean.eval import metrics, tofu
-from lmclean.train.data import read_rows
+from lmclean.train.data import read_rows, row_id
 
 DEFAULT_DATA_TEMPLATE = "Q: {question}\nA: {answer}"
 FORGET_QUALITY_NOTE = (
@@ -86,15 +86,7 @@ def read_samples(path: Path, template: str, id_field: str | None, need_ids: bool
             raise DataError(f"{where}: row lacks field(s) {missing} used by --template {template!r}; fields found: {sorted(row)}")
         sid: int | None = None
         if need_ids:
-            if id_field:
-                raw = row.get(id_field)
-                if raw is None:
-                    raise DataError(f"{where}: row has no id field {id_field!r}; pass --id-field '' to number the rows from 0")
-                if not isinstance(raw, int) or isinstance(raw, bool) or raw < 0:
-                    raise DataError(f"{where}: id {raw!r} must be a non-negative integer")
-                sid = raw
-            else:
-                sid = index
+            sid = row_id(row, id_field, index, where, "; pass --id-field '' to number the rows from 0")
             if sid in seen:
                 raise DataError(f"{where}: duplicate sample id {sid} (first at {seen[sid]}); ids must be unique")
             seen[sid] = where

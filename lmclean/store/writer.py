@@ -100,6 +100,8 @@ class RowArray:
         if not 0 <= index < self.shape[0]:
             raise StoreError(f"array {self.name}: row {index} is outside 0..{self.shape[0] - 1}")
         data = self.encode(row)
+        if os.environ.get("LMCLEAN_WRITER_EXP") == "encode":
+            return len(data)
         path = self.chunk_path(index)
         if path.parent not in self._made:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -238,6 +240,11 @@ class StoreWriter:
 
     def _write_step(self, row: StepRow) -> None:
         t, b = row.step, len(row.sample_ids)
+        EXP = os.environ.get("LMCLEAN_WRITER_EXP")
+        if EXP == "drop":
+            self.committed_steps = t + 1; return
+        if EXP == "sleep":
+            time.sleep(0.001); self.committed_steps = t + 1; return
         if t != self.committed_steps:
             raise StoreError(f"step {t} recorded out of order: the store expects step {self.committed_steps} next")
         if b > self._B or (b and row.tokens.shape[1] > self._L):

@@ -86,6 +86,18 @@ def row_text(row: dict[str, Any], cfg: DataConfig, where: str) -> str:
     return cfg.template.format(**row)
 
 
+def row_id(row: dict[str, Any], id_field: str | None, index: int, where: str, hint: str) -> int:
+    """The sample id of a row: its `id_field` (a non-negative int), or its index when no field is set."""
+    if not id_field:
+        return index
+    if id_field not in row:
+        raise DataError(f"{where}: row has no id field `{id_field}` {hint}")
+    raw = row[id_field]
+    if not isinstance(raw, int) or isinstance(raw, bool) or raw < 0:
+        raise DataError(f"{where}: id {raw!r} must be a non-negative integer")
+    return raw
+
+
 def encode(tokenizer: Any, text: str, max_length: int) -> tuple[int, ...]:
     ids = tokenizer(text, add_special_tokens=True)["input_ids"]
     return tuple(int(i) for i in ids[:max_length])
@@ -110,15 +122,7 @@ def load_dataset(cfg: DataConfig, tokenizer: Any, base: Path | None = None) -> D
     seen: dict[int, int] = {}
     for index, (lineno, row) in enumerate(read_rows(path)):
         where = f"{path}:{lineno}"
-        if cfg.id_field:
-            if cfg.id_field not in row:
-                raise DataError(f"{where}: row has no id field `{cfg.id_field}` (data.id_field)")
-            raw = row[cfg.id_field]
-            if not isinstance(raw, int) or isinstance(raw, bool) or raw < 0:
-                raise DataError(f"{where}: id {raw!r} must be a non-negative integer")
-            sid = raw
-        else:
-            sid = index
+        sid = row_id(row, cfg.id_field, index, where, "(data.id_field)")
         if sid in seen:
             raise DataError(f"{where}: duplicate sample id {sid} (first on line {seen[sid]}); ids must be unique")
         seen[sid] = lineno
