@@ -20,7 +20,7 @@ demo: $(STAMP)
 	bash examples/demo.sh
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	$(BIN)/python -m pytest -p no:cacheprovider tests
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/record_overhead.py
