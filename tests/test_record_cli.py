@@ -145,6 +145,7 @@ def test_duplicate_ids(tmp_path: Path) -> None:
     data.write_text(data.read_text() + data.read_text().splitlines()[1] + "\n")
     line = _error_line(_invoke("record", _config(tmp_path, data), "--store", tmp_path / "s.zarr"))
     assert "duplicate sample id 101 (first on line 2)" in line and f"{data}:6:" in line
+    assert not (tmp_path / "s.zarr").exists()
 
 
 def test_existing_store_without_resume_or_overwrite_is_untouched(recorded: tuple[Path, Path, dict]) -> None:
@@ -219,3 +220,12 @@ def test_os_errors_are_one_line(tmp_path: Path) -> None:
     line = _error_line(_invoke("record", cfg, "--store", blocker / "s.zarr"))  # parent is a file
     assert str(blocker) in line
     assert blocker.read_text() == "x"
+
+
+def test_saved_model_directory_has_the_usual_permissions(recorded: tuple[Path, Path, dict]) -> None:
+    import os
+
+    _, store, _ = recorded
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (store / "model").stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700

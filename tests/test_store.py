@@ -49,6 +49,13 @@ def _saved_theta(store: TrajectoryStore) -> torch.Tensor:
     return torch.cat([params[e.name].detach().reshape(-1) for e in store.manifest.entries])
 
 
+def _chunk(store: Path, array: str, row: int) -> Path:
+    """The chunk file holding one row, named by the array's own chunking and chunk key encoding."""
+    arr = zarr.open_array(str(store / array), mode="r")
+    rows = arr.metadata.chunk_grid.chunk_shape[0]
+    return store / array / arr.metadata.encode_chunk_key((row // rows,) + (0,) * (arr.ndim - 1))
+
+
 def _copy(result: TrainResult, tmp_path: Path) -> Path:
     dst = tmp_path / "copy.zarr"
     shutil.copytree(result.store, dst)
@@ -134,9 +141,9 @@ def test_bf16_store_is_the_rounded_gradient_smaller_and_replays_within_tolerance
 
 def test_missing_chunks_are_errors_naming_array_and_step_never_zeros(runs: dict[str, TrainResult], tmp_path: Path) -> None:
     path = _copy(runs["sgd"], tmp_path)
-    (path / "steps" / "grad" / "c" / "5" / "0").unlink()
-    (path / "steps" / "sample_ids" / "c" / "3" / "0").unlink()
-    (path / "checkpoints" / "theta" / "c" / "2" / "0").unlink()  # row 2 = the checkpoint of step 10
+    _chunk(path, "steps/grad", 5).unlink()
+    _chunk(path, "steps/sample_ids", 3).unlink()
+    _chunk(path, "checkpoints/theta", 2).unlink()  # row 2 = the checkpoint of step 10
     store = TrajectoryStore(path)
     with pytest.raises(StoreError, match=r"array steps/grad has no data at step 5 \(chunk file missing\)"):
         store.grad(5)
@@ -145,8 +152,8 @@ def test_missing_chunks_are_errors_naming_array_and_step_never_zeros(runs: dict[
             pass
     with pytest.raises(StoreError, match="array steps/sample_ids has no data at step 3"):
         store.step(3)
-    with pytest.raises(StoreError, match="array steps/sample_ids has no data at step 3"):
-        store.all_sample_ids()
+    with pytest.raises(StoreError, match="array steps/sample_ids has no data at step 0"):
+        store.all_sample_ids()  # a block of steps per chunk: the first step of the lost block
     with pytest.raises(StoreError, match=r"array checkpoints/theta has no data at row 2 \(checkpoint of step 10\)"):
         store.theta_at(11)
     assert torch.equal(store.grad(4), TrajectoryStore(runs["sgd"].store).grad(4))  # the rest reads fine
@@ -154,7 +161,7 @@ def test_missing_chunks_are_errors_naming_array_and_step_never_zeros(runs: dict[
 
 def test_corrupted_chunk_is_an_error(runs: dict[str, TrainResult], tmp_path: Path) -> None:
     path = _copy(runs["sgd"], tmp_path)
-    (path / "steps" / "grad" / "c" / "2" / "0").write_bytes(b"not a blosc frame")
+    _chunk(path, "steps/grad", 2).write_bytes(b"not a blosc frame")
     with pytest.raises(StoreError, match="array steps/grad at step 2 is unreadable"):
         TrajectoryStore(path).grad(2)
 
@@ -207,3 +214,44 @@ def test_summary_reports_steps_bytes_and_compression(runs: dict[str, TrainResult
     assert s["samples"] == {"in_dataset": 24, "seen": 24, "excluded": 0}
     assert s["checkpoints"] == CHECKPOINTS and len(s["loss"]["sparkline"]) == STEPS
     assert s["loss"]["last"] < s["loss"]["first"]
+
+
+def test_layout_is_the_documented_format(runs: dict[str, TrainResult]) -> None:
+    """Shapes, dtypes, chunks, key separators, fills and codecs as in docs/store-format.md."""
+    store = TrajectoryStore(runs["sgd"].store)
+    P, T, B, L, K = store.manifest.size, STEPS, 4, 48, len(CHECKPOINTS)
+    R = min(256, T)
+    expected = {  # name: (shape, dtype, chunks, separator, fill, compressor)
+        "steps/grad": ((T, P), "float32", (1, P), ".", "nan", "blosc"),
+        "steps/tokens": ((T, B, L), "int32", (1, B, L), "/", -2, "zstd"),
+        "steps/lr": ((T,), "float64", (R,), ".", "nan", "zstd"),
+        "steps/loss": ((T,), "float64", (R,), ".", "nan", "zstd"),
+        "steps/grad_norm": ((T,), "float64", (R,), ".", "nan", "zstd"),
+        "steps/sample_ids": ((T, B), "int64", (R, B), ".", -2, "zstd"),
+        "steps/weights": ((T, B), "float64", (R, B), ".", "nan", "zstd"),
+        "steps/lengths": ((T, B), "int32", (R, B), ".", -2, "zstd"),
+        "checkpoints/step": ((K,), "int64", (1,), ".", -2, None),
+        "checkpoints/theta": ((K, P), "float32", (1, P), ".", "nan", "blosc"),
+        "checkpoints/momentum_buffer": ((K, P), "float32", (1, P), ".", "nan", "blosc"),
+        "samples/id": ((24,), "int64", (24,), "/", None, "zstd"),
+        "samples/fingerprint": ((24, 32), "uint8", (24, 32), "/", None, None),
+    }
+    for name, (shape, dtype, chunks, sep, fill, codec) in expected.items():
+        meta = json.loads((store.path / name / "zarr.json").read_text())
+        assert tuple(meta["shape"]) == shape and meta["data_type"] == dtype, name
+        assert tuple(meta["chunk_grid"]["configuration"]["chunk_shape"]) == chunks, name
+        assert meta["chunk_key_encoding"]["configuration"]["separator"] == sep, name
+        if fill is not None:
+            assert str(meta["fill_value"]).lower() == str(fill), name
+        names = [c["name"] for c in meta["codecs"]]
+        assert names == ["bytes"] + ([codec] if codec else []), (name, names)
+    grad_codec = json.loads((store.path / "steps/grad/zarr.json").read_text())["codecs"][1]["configuration"]
+    assert (grad_codec["cname"], grad_codec["clevel"], grad_codec["shuffle"], grad_codec["typesize"]) == ("lz4", 5, "bitshuffle", 4)
+    meta = store.meta
+    for key in ["format_version", "lmclean_version", "created", "config", "model_config", "manifest", "param_count",
+                "optimizer", "schedule", "tokenizer", "pad_id", "planned_steps", "batch_size", "max_length",
+                "checkpoint_every", "checkpoint_plan", "precision", "codec", "excluded_ids", "loss"]:
+        assert key in meta, key
+    assert meta["optimizer"] == {"name": "sgd", "momentum": 0.9, "weight_decay": 0.01}
+    assert [e["offset"] for e in meta["manifest"]] == [sum(e["numel"] for e in meta["manifest"][:i]) for i in range(len(meta["manifest"]))]
+    assert json.loads((store.path / "COMMIT.json").read_text()) == {"committed_steps": T, "checkpoints": CHECKPOINTS, "closed": True}

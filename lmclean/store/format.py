@@ -23,6 +23,13 @@ MISSING_BF16 = 0xFFFF  # a bfloat16 NaN
 # Arrays under steps/: per-step scalars (float64, (T,)) and the per-step rows.
 STEP_SCALARS = ("lr", "loss", "grad_norm")
 STEP_ARRAYS = (*STEP_SCALARS, "grad", "sample_ids", "weights", "lengths", "tokens")
+# One row per chunk, a new chunk file per step: the gradient, and the tokens (which `lmclean audit`
+# scrubs chunk by chunk).
+ROW_ARRAYS = ("grad", "tokens")
+# BLOCK_ROWS steps per chunk, kept in memory by the writer and rewritten at each commit: small
+# rows whose own chunk file per step cost more CPU than encoding and writing the gradient.
+BLOCK_ARRAYS = (*STEP_SCALARS, "sample_ids", "weights", "lengths")
+BLOCK_ROWS = 256
 
 
 def grad_codec(precision: str, codec: str) -> list[Any]:
@@ -41,6 +48,10 @@ def grad_codec(precision: str, codec: str) -> list[Any]:
 
 
 INT_CODEC = [zc.ZstdCodec(level=3)]
+
+# Chunk keys "c.<t>.0" (one flat directory per array) instead of Zarr's default "c/<t>/0": the
+# default creates a directory per step and array, which cost more than writing the chunk itself.
+FLAT_KEYS = {"name": "default", "separator": "."}
 
 
 def grad_dtype(precision: str) -> tuple[str, Any]:

@@ -108,7 +108,9 @@ class TrajectoryStore:
         return value
 
     def _chunk_exists(self, arr: Any, index: int) -> bool:
-        key = arr.metadata.encode_chunk_key((index,) + (0,) * (arr.ndim - 1))
+        """Whether the chunk file holding row `index` exists (rows per chunk from the metadata)."""
+        rows = arr.metadata.chunk_grid.chunk_shape[0]
+        key = arr.metadata.encode_chunk_key((index // rows,) + (0,) * (arr.ndim - 1))
         return (self.path / arr.path / key).is_file()
 
     def step(self, t: int) -> StepRecord:

@@ -69,6 +69,9 @@ def save_model(model: torch.nn.Module, tokenizer: Any, out: Path, extra_files: d
     for stale in out.parent.glob(f".{out.name}.*.partial"):  # left by a crashed earlier save
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the model directory gets the usual mode
     hf_logging.disable_progress_bar()  # our messages go to stderr; no tqdm bar per shard
     try:
         model.save_pretrained(tmp, safe_serialization=True)

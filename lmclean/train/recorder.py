@@ -139,11 +139,15 @@ class Recorder:
                 raise ValueError(f"step {step} is a checkpoint step: pass theta and opt_state")
             self.checkpoint(step, theta, opt_state or {})
         g = grad.detach().reshape(-1)
-        bits = None
-        if self.precision == "bf16":  # converted here: torch ops on the writer thread would fight for the cores
-            bits = g.to(torch.bfloat16, copy=True).view(torch.int16).cpu().numpy().view(np.uint16)
+        # torch work stays on this thread: torch (or BLAS) calls on the writer thread would compete
+        # with training for the cores (see lmclean/store/writer.py)
+        norm = float(torch.linalg.vector_norm(g, dtype=torch.float64))
+        if self.precision == "bf16":
+            stored = g.to(torch.bfloat16, copy=True).view(torch.int16).cpu().numpy().view(np.uint16)
+        else:
+            stored = _owned(g.float().cpu().numpy(), copy)
         self.writer.put(StepRow(
-            step=step, lr=float(lr), loss=float(loss), grad=_owned(g.float().cpu().numpy(), copy), grad_bits=bits,
+            step=step, lr=float(lr), loss=float(loss), grad=stored, grad_norm=norm,
             sample_ids=np.asarray(sample_ids, dtype=np.int64), weights=w.astype(np.float64),
             tokens=input_ids.detach().cpu().numpy().astype(np.int32), lengths=lengths.detach().cpu().numpy().astype(np.int32)))
 

@@ -81,7 +81,9 @@ class _NullRecorder:
     def record_step(self, *args: Any, **kwargs: Any) -> None:
         pass
 
-    def close(self, *args: Any, **kwargs: Any) -> None:
+    def close(self, *args: Any, before_closed: Callable[[], None] | None = None, **kwargs: Any) -> None:
+        if before_closed is not None:
+            before_closed()
         return None
 
     def abort(self) -> None:
@@ -182,12 +184,18 @@ def _train(cfg: LmcleanConfig, store: Path | None, *, exclude: list[int] | None 
                 rule.step(theta, grad, lr, state, t)
             if on_step:
                 on_step(t, total, loss_value, lr)
-        seconds = time.perf_counter() - began  # includes flushing the writer queue
         model_dir = Path(store) / "model" if save_final and store is not None else None
-        # the final model is saved before the store is marked closed: a crash in between leaves a
-        # store that `--resume` completes (it has nothing left to train and just saves the model)
-        stats = recorder.close(total, theta, state,
-                               before_closed=(lambda: save_model(run.model, run.tokenizer, model_dir)) if model_dir else None)
+        timing: list[float] = []
+
+        def finish() -> None:  # the writes are flushed and verified; the store is not closed yet
+            timing.append(time.perf_counter() - began)  # training time, recording included
+            if model_dir is not None:
+                # the final model is saved before the store is marked closed: a crash in between
+                # leaves a store that `--resume` completes (nothing left to train; it saves the model)
+                save_model(run.model, run.tokenizer, model_dir)
+
+        stats = recorder.close(total, theta, state, before_closed=finish)
+        seconds = timing[0] if timing else time.perf_counter() - began
     except BaseException:
         recorder.abort()
         raise
