@@ -43,3 +43,11 @@ def tiny_config(data: Path, **extra: object):
     from lmclean import config as config_mod
 
     return config_mod.load(None, tiny_overrides(data, **extra))
+
+
+def error_line(result) -> str:  # noqa: ANN001 - a typer.testing Result
+    """The single stderr line of a failed CLI command (asserting exit code 1 and no traceback)."""
+    assert result.exit_code == 1, (result.exit_code, result.output)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import TINY_MODEL, write_rows
+from conftest import error_line as _error_line, TINY_MODEL, write_rows
 from typer.testing import CliRunner
 
 from lmclean.cli.main import app
@@ -29,14 +29,6 @@ def _config(tmp: Path, data: Path, **train: object) -> Path:
 
 def _invoke(*args: object):
     return runner.invoke(app, [str(a) for a in args])
-
-
-def _error_line(result) -> str:
-    """The single stderr line of a failed command (asserting exit code 1 and no traceback)."""
-    assert result.exit_code == 1, (result.exit_code, result.output)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
 
 
 def _snapshot(path: Path) -> dict[str, tuple[int, bytes]]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config, write_rows
+from conftest import error_line as _error_line, tiny_config, write_rows
 from typer.testing import CliRunner
 
 from lmclean.audit import AuditLog, StoreLock, tombstones
@@ -25,13 +25,6 @@ runner = CliRunner()
 
 def _invoke(*args: object):
     return runner.invoke(app, [str(a) for a in args])
-
-
-def _error_line(result) -> str:
-    assert result.exit_code == 1, (result.exit_code, result.output)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
 
 
 def _snapshot(path: Path) -> dict[str, bytes]:
