@@ -13,7 +13,8 @@ from lmclean.unlearn.lmcleaner import PropagationSettings
 from lmclean.unlearn.operators import OperatorSettings
 from lmclean.unlearn.resolve import resolve_forget
 from lmclean.audit import check_not_tombstoned
-from lmclean.unlearn.service import Request, UnlearnOptions, default_out, plan, unlearn as run_unlearn
+from lmclean.unlearn.service import (Request, UnlearnOptions, affected_steps, default_out, plan, sweep_steps,
+                                    unlearn as run_unlearn)
 
 
 @handle_errors
@@ -71,7 +72,7 @@ def unlearn(
     if description.get("level") == "batch":
         err.print(f"batch level: removing {len(description['steps'])} steps whole, taking "
                   f"{description['collateral_samples']} other samples' terms with them")
-    span = plan_span(s, forget_set, options)
+    span = max(1, sweep_steps(affected_steps(s, forget_set), s.committed_steps, options))
     with progress_bar(f"{method}", total=span, fields="‖v‖ {task.fields[vnorm]:.3e}", enabled=not json_out, lazy=True) as advance:
         report = run_unlearn(s, forget_set, description, options, target, base=base,
                              progress=lambda t, n: advance(1, vnorm=n),
@@ -86,20 +87,6 @@ def unlearn(
         err.print(f"note: {note}")
     scrubbed = f"; scrubbed their tokens from {report['scrubbed_steps']} steps" if "scrubbed_steps" in report else " (data kept)"
     err.print(f"audit record {report['audit_seq']} (request {report['request_id']}){scrubbed}")
-
-
-def plan_span(store: TrajectoryStore, forget_set, options: UnlearnOptions) -> int:  # noqa: ANN001
-    ids = store.all_sample_ids()
-    import numpy as np
-
-    steps = sorted(forget_set.steps) or [int(t) for t in np.nonzero(np.isin(ids, list(forget_set.sample_ids)).any(axis=1))[0]]
-    if not steps:
-        return 1
-    if options.method == "rollback":
-        return steps[-1] - steps[0] + 1
-    to_end = options.K is None or (options.method == "lmcleaner" and options.propagation.tail == "lowrank")
-    end = store.committed_steps if to_end else min(store.committed_steps, steps[-1] + options.K + 1)
-    return max(1, end - steps[0])
 
 
 def register(app: typer.Typer) -> None:

@@ -7,7 +7,7 @@ Only committed steps are visible (COMMIT.json). Chunks that were never written r
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -89,7 +89,11 @@ class TrajectoryStore:
 
     # -- rows --------------------------------------------------------------------------------
     def _check_step(self, t: int) -> None:
-        n = self.committed_steps
+        # Steps below a count already seen committed stay committed while we hold the store (writers
+        # take the lock): skip re-reading COMMIT.json on every row of a sweep.
+        if 0 <= t < getattr(self, "_seen_committed", 0):
+            return
+        n = self._seen_committed = self.committed_steps
         if not 0 <= t < n:
             raise StoreError(f"step {t} is not recorded in {self.path}: committed steps are 0..{n - 1}")
 
@@ -180,12 +184,15 @@ class TrajectoryStore:
             raise StoreError(f"store {self.path} has no checkpoint at or before step {t}")
         return earlier[-1]
 
-    def iter_states(self, start: int, stop: int) -> Iterator[tuple[int, torch.Tensor, dict[str, torch.Tensor]]]:
+    def iter_states(self, start: int, stop: int, grad: Callable[[int], torch.Tensor] | None = None,
+                    ) -> Iterator[tuple[int, torch.Tensor, dict[str, torch.Tensor]]]:
         """Yield (t, θ[t], optimizer state before step t) for start <= t <= stop, streaming.
 
         Begins at the nearest checkpoint at or before `start` and replays the update rule on the
-        stored gradients; yielded tensors are reused buffers: clone what you keep.
+        stored gradients (read with `grad`, default `self.grad`: a caller that also needs g[t] can
+        pass a caching reader so each row is decoded once); yielded tensors are reused buffers.
         """
+        read_grad = grad or self.grad
         if stop > self.committed_steps:
             raise StoreError(f"step {stop} is beyond the {self.committed_steps} committed steps of {self.path}")
         c = self.nearest_checkpoint(start)
@@ -195,7 +202,7 @@ class TrajectoryStore:
             if t >= start:
                 yield t, theta, state
             if t < stop:
-                self.rule.step(theta, self.grad(t), float(lrs[t]), state, t)
+                self.rule.step(theta, read_grad(t), float(lrs[t]), state, t)
 
     def theta_at(self, t: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """θ[t] (parameters before step t; t = committed_steps gives the final θ) and its optimizer state."""

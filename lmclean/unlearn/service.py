@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 import lmclean
@@ -71,10 +72,9 @@ def plan(store: TrajectoryStore, forget: ForgetSet, options: UnlearnOptions) -> 
     if not affected:
         return {"method": options.method, "steps_touched": [], "note": "no recorded step contains the forget set"}
     first, last = min(affected), max(affected)
-    K = tau if options.K is None else options.K
-    stop = min(tau, last + K + 1)
+    stop = min(tau, last + (tau if options.K is None else options.K) + 1)
     prop = options.propagation
-    span = {"rollback": last + 1 - first}.get(options.method, stop - first)
+    span = sweep_steps(sorted(affected), tau, options) if options.method == "rollback" else stop - first
     grad_s, product_s = _time_one_step(traj, first, prop.operator.hvp if options.method == "lmcleaner" else None)
     products = 0
     if options.method == "lmcleaner":
@@ -96,6 +96,26 @@ def plan(store: TrajectoryStore, forget: ForgetSet, options: UnlearnOptions) -> 
         "curvature_products_needed": products, "gradient_seconds": round(grad_s, 4),
         "product_seconds": round(product_s, 4), "estimated_seconds": round(seconds, 1),
     }
+
+
+def affected_steps(store: TrajectoryStore, forget: ForgetSet) -> list[int]:
+    """Recorded steps a forget set touches, from the stored sample ids alone (no model needed)."""
+    if forget.steps:
+        return sorted(forget.steps)
+    ids = store.all_sample_ids()  # (T, B)
+    return [int(t) for t in np.nonzero(np.isin(ids, sorted(forget.sample_ids)).any(axis=1))[0]]
+
+
+def sweep_steps(steps: list[int], tau: int, options: UnlearnOptions) -> int:
+    """How many steps a run sweeps (the progress bar's total): rollback visits first..last; the others
+    go K past the last affected step, or to the end (replay without K, a low-rank tail)."""
+    if not steps:
+        return 0
+    if options.method == "rollback":
+        return steps[-1] - steps[0] + 1
+    to_end = options.K is None or (options.method == "lmcleaner" and options.propagation.tail == "lowrank")
+    end = tau if to_end else min(tau, steps[-1] + options.K + 1)
+    return end - steps[0]
 
 
 def _time_one_step(traj: StoreTrajectory, t: int, hvp: str | None) -> tuple[float, float]:

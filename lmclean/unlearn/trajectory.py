@@ -67,6 +67,7 @@ class StoreTrajectory:
         self.tombstoned = set(tombstoned or ())
         self._cache: dict[int, object] = {}
         self._lrs = store.scalars("lr")
+        self._grad_cache: tuple[int, Tensor | None] = (-1, None)
 
     def _record(self, t: int):  # noqa: ANN202 - StepRecord
         rec = self._cache.get(t)
@@ -92,10 +93,14 @@ class StoreTrajectory:
         return CausalLMObjective(self.model, ids, lengths, torch.from_numpy(rec.weights[pos]))
 
     def states(self, start: int, stop: int) -> Iterator[tuple[int, Tensor, dict[str, Tensor]]]:
-        return self.store.iter_states(start, stop)
+        return self.store.iter_states(start, stop, grad=self.stored_grad)
 
     def stored_grad(self, t: int) -> Tensor:
-        return self.store.grad(t)
+        """g[t], decoded once per step: the sweep (fisher, batch-level updates, control variates)
+        and the θ replay that follows both ask for it."""
+        if self._grad_cache[0] != t:
+            self._grad_cache = (t, self.store.grad(t))
+        return self._grad_cache[1]
 
     def stored_grad_is_exact(self, t: int) -> bool:
         return not any(int(i) in self.tombstoned for i in self._record(t).sample_ids)
