@@ -10,7 +10,7 @@ end (`Recorder.close`): queued work is not hidden.
 
 Bytes per parameter per step = bytes on disk under STORE/steps/grad / (steps x parameters).
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/record_overhead.py [--steps 60] [--rounds 7] [--json]
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/record_overhead.py [--steps N] [--rounds 7] [--json]
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ MODES = ("none", "fp32", "bf16")
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=60, help="training steps per measured run (default 60)")
-    ap.add_argument("--rounds", type=int, default=7, help="rounds of (none, fp32, bf16), rotating order; medians reported")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="training steps per measured run (default: the whole example run, 8 epochs = 304 steps)")
+    ap.add_argument("--rounds", type=int, default=9, help="rounds of (none, fp32, bf16), rotating order; medians reported")
     ap.add_argument("--config", type=Path, default=ROOT / "examples" / "tiny.yaml")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads before training (default: torch's)")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON on stdout")
@@ -43,7 +44,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = config_mod.load(args.config, [f"train.steps={args.steps}", f"data.path={ROOT / 'examples' / 'data' / 'authors.jsonl'}"])
+    overrides = [f"data.path={ROOT / 'examples' / 'data' / 'authors.jsonl'}"]
+    if args.steps:
+        overrides.append(f"train.steps={args.steps}")
+    cfg = config_mod.load(args.config, overrides)
     ms: dict[str, list[float]] = {m: [] for m in MODES}
     stats: dict[str, list] = {m: [] for m in MODES[1:]}
     params = 0
@@ -61,34 +65,41 @@ def main(argv: list[str] | None = None) -> int:
                     stats[mode].append((res.stats, store_size_bytes(store, "steps/grad")))
                 ms[mode].append(1e3 * res.seconds / res.steps)
                 print(f"round {r + 1}/{args.rounds} {mode:4s} {ms[mode][-1]:7.2f} ms/step", file=sys.stderr)
-    raw = args.steps * params * 4
-    report: dict = {"model": str(args.config), "params": params, "steps": args.steps, "rounds": args.rounds,
+    steps = res.steps
+    raw = steps * params * 4
+    report: dict = {"model": str(args.config), "params": params, "steps": steps, "rounds": args.rounds,
                     "torch_threads": torch.get_num_threads(), "ms_per_step": {}, "overhead_pct": {},
-                    "bytes_per_param_per_step": {}, "compression_vs_raw_fp32": {}, "writer_cpu_ms_per_step": {}}
+                    "bytes_per_param_per_step": {}, "compression_vs_raw_fp32": {}, "writer_cpu_ms_per_step": {},
+                    "overhead_pct_quartiles": {}}
     for mode in MODES:
         report["ms_per_step"][mode] = round(statistics.median(ms[mode]), 3)
     for mode in MODES[1:]:
         ratios = [a / b - 1 for a, b in zip(ms[mode], ms["none"])]
         grad_bytes = stats[mode][-1][1]
         report["overhead_pct"][mode] = round(100 * statistics.median(ratios), 1)
-        report["bytes_per_param_per_step"][mode] = round(grad_bytes / (args.steps * params), 4)
+        q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
+        report["overhead_pct_quartiles"][mode] = [round(100 * q1, 1), round(100 * q3, 1)]
+        report["bytes_per_param_per_step"][mode] = round(grad_bytes / (steps * params), 4)
         report["compression_vs_raw_fp32"][mode] = round(raw / grad_bytes, 3)
         report["writer_cpu_ms_per_step"][mode] = round(
-            1e3 * statistics.median(s.writer_cpu_seconds for s, _ in stats[mode]) / args.steps, 3)
+            1e3 * statistics.median(s.writer_cpu_seconds for s, _ in stats[mode]) / steps, 3)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    print(f"{args.config.name}: {params:,} parameters, {args.steps} steps x {args.rounds} rounds, "
+    print(f"{args.config.name}: {params:,} parameters, {steps} steps x {args.rounds} rounds, "
           f"torch threads {report['torch_threads']}")
-    print(f"{'mode':5s} {'ms/step':>8s} {'overhead':>9s} {'B/param/step':>13s} {'vs raw fp32':>12s} {'writer CPU ms/step':>19s}")
+    print(f"{'mode':5s} {'ms/step':>8s} {'overhead':>9s} {'quartiles':>14s} {'B/param/step':>13s} {'vs raw fp32':>12s} "
+          f"{'writer CPU ms/step':>19s}")
     for mode in MODES:
         if mode == "none":
-            print(f"{mode:5s} {report['ms_per_step'][mode]:8.2f} {'-':>9s} {'-':>13s} {'-':>12s} {'-':>19s}")
+            print(f"{mode:5s} {report['ms_per_step'][mode]:8.2f} {'-':>9s} {'-':>14s} {'-':>13s} {'-':>12s} {'-':>19s}")
             continue
-        print(f"{mode:5s} {report['ms_per_step'][mode]:8.2f} {report['overhead_pct'][mode]:8.1f}% "
+        q1, q3 = report["overhead_pct_quartiles"][mode]
+        print(f"{mode:5s} {report['ms_per_step'][mode]:8.2f} {report['overhead_pct'][mode]:8.1f}% {f'{q1:.1f}..{q3:.1f}%':>14s} "
               f"{report['bytes_per_param_per_step'][mode]:13.3f} {report['compression_vs_raw_fp32'][mode]:11.2f}x "
               f"{report['writer_cpu_ms_per_step'][mode]:19.2f}")
-    print("overhead = median over rounds of (recorded / unrecorded step time of the round) - 1")
+    print("overhead = median over rounds of (recorded / unrecorded step time of the round) - 1; "
+          "quartiles over rounds")
     return 0
 
 

@@ -24,6 +24,7 @@ from lmclean.audit import (
     tombstones,
 )
 from lmclean.errors import DataError, StoreError
+from lmclean.store import format as fmt
 from lmclean.store.reader import TrajectoryStore
 from lmclean.train.trainer import train
 from conftest import tiny_overrides, write_rows
@@ -31,10 +32,15 @@ from conftest import tiny_overrides, write_rows
 
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[int, tuple[int, ...]], dict[int, str]]:
-    """A tiny recorded store (built once), the data set's token ids and texts by sample id."""
+    """A tiny recorded store (built once), the data set's token ids and texts by sample id.
+
+    Two steps per tokens chunk (12 steps: 6 chunks), so a scrub rewrites chunks holding one or two
+    touched steps and leaves untouched chunks; everything reads the rows per chunk from the metadata."""
     root = tmp_path_factory.mktemp("scrub")
     data = write_rows(root / "data.jsonl")
-    result = train(config.load(None, tiny_overrides(data)), root / "store.zarr")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fmt, "TOKEN_ROWS", 2)
+        result = train(config.load(None, tiny_overrides(data)), root / "store.zarr")
     samples = result.run.dataset.samples
     return root / "store.zarr", {s.id: s.token_ids for s in samples}, {s.id: s.text for s in samples}
 
@@ -53,6 +59,11 @@ def forget_pair(store: Path) -> list[int]:
 
 def tokens(store: Path) -> np.ndarray:
     return np.asarray(zarr.open_array(str(store / "steps/tokens"), mode="r")[:])
+
+
+def token_rows(store: Path) -> int:
+    """Steps per chunk of steps/tokens, from its metadata."""
+    return int(zarr.open_array(str(store / "steps/tokens"), mode="r").metadata.chunk_grid.chunk_shape[0])
 
 
 def file_hashes(store: Path) -> dict[str, str]:
@@ -89,9 +100,11 @@ def test_scrub_removes_forgotten_tokens_and_keeps_the_rest(store: Path, recorded
     # other samples' rows are bitwise unchanged, and so are the chunks of untouched steps
     assert np.array_equal(after[~hit], before[~hit])
     hashes_after = file_hashes(store)
-    untouched = [t for t in range(ids.shape[0]) if t not in result.steps]
-    assert untouched and all(hashes_after[f"steps/tokens/c/{t}/0/0"] == hashes_before[f"steps/tokens/c/{t}/0/0"]
-                             for t in untouched)
+    rows = token_rows(store)
+    touched = {t // rows for t in result.steps}
+    untouched = [c for c in range(-(-ids.shape[0] // rows)) if c not in touched]
+    assert untouched and all(hashes_after[f"steps/tokens/c.{c}.0.0"] == hashes_before[f"steps/tokens/c.{c}.0.0"]
+                             for c in untouched)
     # the batch structure stays known
     assert np.array_equal(np.asarray(zarr.open_array(str(store / "steps/sample_ids"), mode="r")[:]), ids)
     assert np.array_equal(np.asarray(zarr.open_array(str(store / "steps/lengths"), mode="r")[:]), lengths_before)
@@ -131,7 +144,7 @@ def test_tombstones_without_array_and_unknown_id(store: Path) -> None:
     assert file_hashes(store) == snapshot  # refused before touching anything
 
 
-def crash_after_first_chunk(monkeypatch: pytest.MonkeyPatch, store: Path, where: str = "steps/tokens/c") -> list[Path]:
+def crash_after_first_chunk(monkeypatch: pytest.MonkeyPatch, store: Path, where: str = "steps/tokens/c.") -> list[Path]:
     real, done = os.replace, []
 
     def flaky(src: str | os.PathLike, dst: str | os.PathLike) -> None:
@@ -224,8 +237,10 @@ def test_damaged_chunks_are_reported_precisely(store: Path) -> None:
     forget = forget_pair(store)
     ids = np.asarray(zarr.open_array(str(store / "steps/sample_ids"), mode="r")[:])
     t = int(np.nonzero(np.isin(ids, forget).any(axis=1))[0][0])
-    (store / f"steps/tokens/c/{t}/0/0").write_bytes(b"not zstd")
-    with pytest.raises(StoreError, match=rf"array steps/tokens chunk holding step {t} is corrupted"):
+    rows, T = token_rows(store), ids.shape[0]
+    lo, hi = t // rows * rows, min(t // rows * rows + rows, T) - 1
+    (store / f"steps/tokens/c.{t // rows}.0.0").write_bytes(b"not zstd")
+    with pytest.raises(StoreError, match=rf"array steps/tokens chunk holding steps {lo}\.\.{hi} is corrupted"):
         scrub_samples(store, forget, audit_seq=0)
 
 
@@ -244,7 +259,7 @@ from lmclean.audit import scrub_samples
 store, after = Path(sys.argv[1]), int(sys.argv[2])
 real, seen = os.replace, []
 def dying(src, dst):
-    if "steps/tokens/c" in str(dst):
+    if "steps/tokens/c." in str(dst):
         if len(seen) == after:
             os._exit(9)  # the process dies here: no cleanup, the temp chunk file stays behind
         seen.append(dst)

@@ -220,10 +220,10 @@ def test_layout_is_the_documented_format(runs: dict[str, TrainResult]) -> None:
     """Shapes, dtypes, chunks, key separators, fills and codecs as in docs/store-format.md."""
     store = TrajectoryStore(runs["sgd"].store)
     P, T, B, L, K = store.manifest.size, STEPS, 4, 48, len(CHECKPOINTS)
-    R = min(256, T)
+    R, RT = min(256, T), min(16, T)
     expected = {  # name: (shape, dtype, chunks, separator, fill, compressor)
         "steps/grad": ((T, P), "float32", (1, P), ".", "nan", "blosc"),
-        "steps/tokens": ((T, B, L), "int32", (1, B, L), "/", -2, "zstd"),
+        "steps/tokens": ((T, B, L), "int32", (RT, B, L), ".", -2, "zstd"),
         "steps/lr": ((T,), "float64", (R,), ".", "nan", "zstd"),
         "steps/loss": ((T,), "float64", (R,), ".", "nan", "zstd"),
         "steps/grad_norm": ((T,), "float64", (R,), ".", "nan", "zstd"),
@@ -246,7 +246,7 @@ def test_layout_is_the_documented_format(runs: dict[str, TrainResult]) -> None:
         names = [c["name"] for c in meta["codecs"]]
         assert names == ["bytes"] + ([codec] if codec else []), (name, names)
     grad_codec = json.loads((store.path / "steps/grad/zarr.json").read_text())["codecs"][1]["configuration"]
-    assert (grad_codec["cname"], grad_codec["clevel"], grad_codec["shuffle"], grad_codec["typesize"]) == ("lz4", 5, "bitshuffle", 4)
+    assert (grad_codec["cname"], grad_codec["clevel"], grad_codec["shuffle"], grad_codec["typesize"]) == ("lz4", 1, "bitshuffle", 4)
     meta = store.meta
     for key in ["format_version", "lmclean_version", "created", "config", "model_config", "manifest", "param_count",
                 "optimizer", "schedule", "tokenizer", "pad_id", "planned_steps", "batch_size", "max_length",

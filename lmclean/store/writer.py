@@ -15,11 +15,11 @@ from training; benchmarks/record_overhead.py):
   threads need (+250% step time): the writer calls no BLAS; the gradient norm is computed by the
   Recorder with torch on the training thread (~35 us, less than the writer took for it).
 - every new file costs ~0.1-0.5 ms of kernel time on ext4 (more while torch keeps both cores
-  busy), and chunk keys with "/" add a directory per step: arrays use "." keys where the format
-  allows, and the small per-step arrays (lr, loss, grad_norm, sample_ids, weights, lengths) are
-  kept in blocks of BLOCK_ROWS steps, rewritten at each commit instead of a file per step. Per
-  step there are two new files: the gradient's chunk and the tokens' chunk (written at the next
-  commit, after the sample-ids block, so any token chunk on disk has its sample ids on disk).
+  busy), and chunk keys with "/" add a directory per step (two for the tokens: 1.6 ms of writer
+  CPU per step, more than the gradient): every array uses "." keys, and the small per-step arrays (lr, loss, grad_norm, sample_ids, weights, lengths) are
+  kept in blocks of BLOCK_ROWS steps, rewritten at each commit instead of a file per step; the
+  tokens in blocks of TOKEN_ROWS steps, filled at each commit after the sample-ids block (so any
+  token chunk on disk has its sample ids on disk). Per step there is one new file: the gradient's.
 - the writer wakes at most every `batch_wait` seconds and then drains the queue: fewer wake-ups
   preempting torch's OpenMP threads.
 Commits are throttled to one per `commit_interval` seconds, plus one at every checkpoint and one
@@ -232,10 +232,8 @@ def create_layout(path: Path, meta: dict[str, Any], P: int, T: int, B: int, L: i
                        compressors=fmt.INT_CODEC, **flat)
     steps.create_array("lengths", shape=(T, B), chunks=(R, B), dtype="int32", fill_value=fmt.MISSING_INT,
                        compressors=fmt.INT_CODEC, **flat)
-    # tokens keep Zarr's default "/" keys (c/<t>/0/0): lmclean/audit scrubs these chunks, and its
-    # tests name them by path
-    steps.create_array("tokens", shape=(T, B, L), chunks=(1, B, L), dtype="int32", fill_value=fmt.MISSING_INT,
-                       compressors=fmt.INT_CODEC)
+    steps.create_array("tokens", shape=(T, B, L), chunks=(min(fmt.TOKEN_ROWS, max(T, 1)), B, L), dtype="int32",
+                       fill_value=fmt.MISSING_INT, compressors=fmt.INT_CODEC, **flat)
     ck = root.create_group("checkpoints")
     ck.create_array("step", shape=(K,), chunks=(1,), dtype="int64", fill_value=fmt.MISSING_INT, compressors=None, **flat)
     for name in ["theta", *state_names]:
@@ -253,7 +251,7 @@ class StoreWriter:
     """Writes step rows and checkpoints to an existing store layout from one background thread."""
 
     def __init__(self, path: Path, queue_size: int = 8, committed_steps: int = 0, checkpoints: list[int] | None = None,
-                 commit_interval: float = 0.2, batch_wait: float = 0.03) -> None:
+                 commit_interval: float = 1.0, batch_wait: float = 0.03) -> None:
         self.path = Path(path)
         root = zarr.open_group(str(self.path), mode="r")
         meta = root.attrs[fmt.META_KEY]
@@ -262,16 +260,18 @@ class StoreWriter:
         steps = root["steps"]
         self._rows = {name: RowArray(self.path, steps[name]) for name in fmt.ROW_ARRAYS}
         self._blocks = {name: BlockArray(self.path, steps[name], committed_steps) for name in fmt.BLOCK_ARRAYS}
+        self._tokens = BlockArray(self.path, steps["tokens"], committed_steps)  # filled at commits only
         self._ck = {name: RowArray(self.path, arr) for name, arr in root["checkpoints"].arrays()}
         self._B = self._blocks["sample_ids"].shape[1]
-        self._L = self._rows["tokens"].shape[2]
+        self._L = self._tokens.shape[2]
         self._P = self._rows["grad"].shape[1]
         self.committed_steps = committed_steps
         self.checkpoints = sorted(checkpoints or [])
         self.commit_interval = commit_interval
         self.batch_wait = batch_wait
-        self.max_pending = 64  # token rows held for the next commit, at most
+        self.max_pending_bytes = 8 << 20  # token rows held for the next commit, at most
         self._pending_tokens: list[tuple[int, np.ndarray]] = []
+        self._pending_bytes = 0
         self.bytes_raw = 0
         self.bytes_written = 0
         self.write_seconds = 0.0  # wall time spent writing (includes waiting for the disk)
@@ -337,7 +337,7 @@ class StoreWriter:
                     self._commit()
                 except BaseException as exc:  # noqa: BLE001
                     self._error = exc
-            for arr in (*self._rows.values(), *self._blocks.values(), *self._ck.values()):
+            for arr in (*self._rows.values(), *self._blocks.values(), self._tokens, *self._ck.values()):
                 arr.close()
             self.cpu_seconds = time.thread_time() - cpu0
 
@@ -367,7 +367,8 @@ class StoreWriter:
             toks[:b, : row.tokens.shape[1]] = row.tokens
         r, k = self._rows, self._blocks
         n = r["grad"].write(t, row.grad)
-        self._pending_tokens.append((t, toks))  # written at the commit, after the sample ids
+        self._pending_tokens.append((t, toks))  # put in their block at the commit, after the sample ids
+        self._pending_bytes += toks.nbytes
         w = np.zeros(self._B, dtype=np.float64)
         w[:b] = row.weights
         lens = np.zeros(self._B, dtype=np.int32)
@@ -379,19 +380,22 @@ class StoreWriter:
         self.committed_steps = t + 1  # (in memory; COMMIT.json follows at the next commit)
         self._dirty = True
         if (time.monotonic() - self._last_commit >= self.commit_interval
-                or len(self._pending_tokens) >= self.max_pending):
+                or self._pending_bytes >= self.max_pending_bytes):
             self._commit()
 
     def _commit(self, closed: bool = False) -> None:
-        """Make everything written so far visible: blocks, then token chunks, then COMMIT.json.
+        """Make everything written so far visible: blocks, then token blocks, then COMMIT.json.
 
-        Token chunks go after the sample-ids block, so every token chunk on disk, even one past
-        the commit point after a crash, has its sample ids on disk (scrubbing relies on it)."""
+        Token rows enter their block only here, after the sample-ids block is on disk, so every
+        token chunk on disk, even one past the commit point after a crash, has its sample ids on
+        disk (scrubbing relies on it)."""
         for arr in self._blocks.values():
             self.bytes_written += arr.flush()
         for t, toks in self._pending_tokens:
-            self.bytes_written += self._rows["tokens"].write(t, toks)
+            self.bytes_written += self._tokens.set(t, toks)  # writes a block as it completes
+        self.bytes_written += self._tokens.flush()
         self._pending_tokens.clear()
+        self._pending_bytes = 0
         fmt.write_json_atomic(self.path / fmt.COMMIT_FILE, {
             "committed_steps": self.committed_steps, "checkpoints": self.checkpoints, "closed": closed})
         self._last_commit = time.monotonic()
@@ -404,7 +408,7 @@ class StoreWriter:
 
     def verify(self) -> None:
         """After close: every committed step and checkpoint has all its chunk files (else StoreError)."""
-        for arr in (*self._rows.values(), *self._blocks.values()):
+        for arr in (*self._rows.values(), *self._blocks.values(), self._tokens):
             for index in range(-(-self.committed_steps // arr.rows)):
                 if not arr.chunk_path(index).is_file():
                     raise StoreError(f"store {self.path}: array {arr.name} has no chunk for committed step "
