@@ -80,6 +80,14 @@ class CausalLMObjective:
         ce = torch.nn.functional.cross_entropy(out, self._targets, reduction="none")  # (N,)
         return (self._coef.to(ce.dtype) * ce).sum()
 
+    def subset(self, rows: Tensor) -> "CausalLMObjective":
+        """The same loss on samples `rows` only, weights rescaled to the batch's total weight (an
+        unbiased estimate of the batch's curvature), padding trimmed to the longest kept sample."""
+        w = self.weights[rows]  # (b,)
+        width = int(self.lengths[rows].max())
+        return CausalLMObjective(self.model, self.input_ids[rows, :width], self.lengths[rows],
+                                 w * (self.weights.sum() / w.sum()))
+
     def per_token_loss(self, out: Tensor) -> Tensor:
         """Unweighted token cross-entropies (N,)."""
         return torch.nn.functional.cross_entropy(out, self._targets, reduction="none")
@@ -108,6 +116,11 @@ class SquaredErrorObjective:
 
     def output_hvp(self, out: Tensor, u: Tensor) -> Tensor:
         return self.weights.to(out.dtype)[:, None] * u
+
+    def subset(self, rows: Tensor) -> "SquaredErrorObjective":
+        """The same loss on samples `rows` only, weights rescaled to the batch's total weight."""
+        w = self.weights[rows]
+        return SquaredErrorObjective(self.model, self.inputs[rows], self.targets[rows], w * (self.weights.sum() / w.sum()))
 
 
 ObjectiveFactory = Callable[..., Objective]

@@ -98,9 +98,28 @@ class TrajectoryStore:
             raise StoreError(f"step {t} is not recorded in {self.path}: committed steps are 0..{n - 1}")
 
     def _row(self, name: str, index: int, step: int | None = None) -> np.ndarray:
-        """Row `index` of array `name` (e.g. "steps/grad"); a never-written chunk is an error, not fill."""
-        arr = self.root[name]
+        """Row `index` of array `name` (e.g. "steps/grad"); a never-written chunk is an error, not fill.
+
+        Read from the chunk file directly where the codecs allow (see _ChunkReader); the result
+        may be a read-only view: copy it before writing into it."""
         where = f"step {index}" if step is None else f"row {index} (checkpoint of step {step})"
+        readers: dict[str, _ChunkReader | None] = self.__dict__.setdefault("_readers", {})
+        if name not in readers:
+            readers[name] = _ChunkReader.for_array(self.path, self.root[name])
+        reader = readers[name]
+        if reader is not None:
+            if not 0 <= index < reader.length:
+                raise StoreError(f"store {self.path}: array {name} has no {where} (it holds {reader.length} rows)")
+            try:
+                chunk = reader.chunk(index // reader.rows)
+            except Exception as exc:  # numcodecs raises many types for a corrupted chunk
+                raise StoreError(f"store {self.path}: array {name} at {where} is unreadable ({type(exc).__name__}: "
+                                 f"{exc}); the store is damaged") from exc
+            if chunk is None:
+                raise StoreError(f"store {self.path}: array {name} has no data at {where} (chunk file missing); "
+                                 "the store is damaged")
+            return chunk[index % reader.rows]
+        arr = self.root[name]
         try:
             value = np.asarray(arr[index])
         except Exception as exc:  # zarr/numcodecs raise many types for a corrupted chunk
@@ -221,6 +240,59 @@ class TrajectoryStore:
         ids = self.all_sample_ids()
         steps, pos = np.nonzero(ids == sample_id)
         return [(int(s), int(p)) for s, p in zip(steps, pos)]
+
+
+class _ChunkReader:
+    """Rows of one array read straight from its chunk files with numcodecs (no zarr call).
+
+    zarr's array API costs about 1 ms per read, which made reading the store most of the cost of
+    rollback and of reused-curvature sweeps. Keeps the last decoded chunk of block arrays (a sweep
+    reads their rows in order: one decode per block), keyed by the file's inode, size and mtime so
+    a chunk rewritten in place (scrub, resume) is read again."""
+
+    def __init__(self, store_path: Path, arr: Any) -> None:
+        meta = arr.metadata
+        self.length = int(arr.shape[0])
+        self.chunk_shape = tuple(int(n) for n in meta.chunk_grid.chunk_shape)
+        self.rows = self.chunk_shape[0]
+        codecs = list(meta.codecs)
+        self.decoders = [fmt.numcodec(c) for c in reversed(codecs[1:])]
+        self.dtype = np.dtype(arr.dtype).newbyteorder("<")
+        self.dir = store_path / arr.path
+        self._key = meta.encode_chunk_key
+        self._ndim = arr.ndim
+        self._cached: tuple[tuple[int, int, int, int], np.ndarray] | None = None
+
+    @classmethod
+    def for_array(cls, store_path: Path, arr: Any) -> "_ChunkReader | None":
+        """A reader, or None when the array's codecs are not bytes(little) + blosc/zstd (zarr reads those)."""
+        import zarr.codecs as zc
+
+        codecs = list(arr.metadata.codecs)
+        first = codecs[0] if codecs else None
+        if not isinstance(first, zc.BytesCodec) or (first.endian is not None and first.endian.value != "little"):
+            return None
+        if not all(isinstance(c, (zc.BloscCodec, zc.ZstdCodec)) for c in codecs[1:]):
+            return None
+        return cls(store_path, arr)
+
+    def chunk(self, index: int) -> np.ndarray | None:
+        """Chunk `index` decoded (read-only), or None when its file does not exist."""
+        path = self.dir / self._key((index,) + (0,) * (self._ndim - 1))
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return None
+        sig = (index, st.st_ino, st.st_size, st.st_mtime_ns)
+        if self._cached is not None and self._cached[0] == sig:
+            return self._cached[1]
+        data: Any = path.read_bytes()
+        for dec in self.decoders:
+            data = dec.decode(data)
+        value = np.frombuffer(data, dtype=self.dtype).reshape(self.chunk_shape)
+        if self.rows > 1:
+            self._cached = (sig, value)
+        return value
 
 
 def _all_fill(value: np.ndarray, fill: Any) -> bool:

@@ -38,7 +38,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numcodecs
 import numpy as np
 import zarr
 import zarr.codecs as zc
@@ -68,17 +67,6 @@ class CheckpointRow:
     state: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (P,) float32
 
 
-def _numcodec(codec: Any) -> Any:
-    """The numcodecs encoder equivalent to one bytes->bytes Zarr v3 codec (what zarr itself calls)."""
-    if isinstance(codec, zc.BloscCodec):
-        shuffle = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[codec.shuffle.value]
-        return numcodecs.Blosc.from_config({"cname": codec.cname.value, "clevel": codec.clevel, "shuffle": shuffle,
-                                            "blocksize": codec.blocksize, "typesize": codec.typesize})
-    if isinstance(codec, zc.ZstdCodec):
-        return numcodecs.Zstd.from_config({"level": codec.level, "checksum": codec.checksum})
-    raise StoreError(f"codec {type(codec).__name__} is not supported by the lmclean writer")
-
-
 class ChunkFiles:
     """Writes whole chunks of one Zarr v3 array as the chunk files zarr reads (no zarr calls)."""
 
@@ -95,7 +83,7 @@ class ChunkFiles:
             raise StoreError(f"array {self.name}: the writer needs little-endian bytes as the first codec")
         self.dtype = np.dtype(array.dtype).newbyteorder("<")
         self.fill = meta.fill_value
-        self.encoders = [_numcodec(c) for c in codecs[1:]]
+        self.encoders = [fmt.numcodec(c) for c in codecs[1:]]
         self.dir = store_path / array.path
         self._key = meta.encode_chunk_key
         self._fd: int | None = None  # the array directory, opened on first write (paths resolve from it)

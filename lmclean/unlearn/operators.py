@@ -26,9 +26,10 @@ MatVec = Callable[[Tensor], Tensor]
 class OperatorSettings:
     hvp: str = "ggn"
     rank: int = 8  # lowrank: eigenpairs kept
-    lanczos_iter: int = 20  # lowrank: products per anchor
+    lanczos_iter: int = 12  # lowrank: products per anchor (at least rank + 2)
     refresh: int = 100  # diag/lowrank: steps an anchor estimate is reused for
     diag_probes: int = 8  # diag: Hutchinson probes per anchor
+    anchor_fraction: float = 0.5  # diag/lowrank: share of the anchor step's batch the estimate uses
     seed: int = 0
 
 
@@ -73,6 +74,7 @@ class CurvatureOperator:
 
     def _refresh(self, t: int, params: dict[str, Tensor], objective: Objective) -> None:
         self._anchor_step = t
+        objective = self._anchor_objective(t, objective)
         if self.s.hvp == "diag":
             gen = torch.Generator().manual_seed(self.s.seed * 100003 + t)
             diag = ggn_diagonal_hutchinson(objective, params, self.s.diag_probes, gen)
@@ -91,3 +93,21 @@ class CurvatureOperator:
                                     dtype=ref.dtype, device=ref.device)  # (r,), (r, P)
         self.products += n_iter
         self._anchor = LowRankCurvature(vals.clamp(min=0), vecs)
+
+    def _anchor_objective(self, t: int, objective: Objective) -> Objective:
+        """A random share `anchor_fraction` of the anchor batch (weights rescaled): the estimate is
+        reused for `refresh` steps of other batches anyway, so half a batch halves its cost for
+        little loss (benchmarks/fidelity.py)."""
+        f = self.s.anchor_fraction
+        if not 0 < f <= 1:
+            raise ConfigError(f"anchor fraction {f} must be in (0, 1]")
+        weights = getattr(objective, "weights", None)
+        if f == 1 or weights is None or not hasattr(objective, "subset"):
+            return objective
+        B = len(weights)
+        keep = max(1, round(f * B))
+        if keep >= B:
+            return objective
+        gen = torch.Generator().manual_seed(self.s.seed * 100003 + t + 1)
+        rows = torch.randperm(B, generator=gen)[:keep].sort().values  # (keep,)
+        return objective.subset(rows)
