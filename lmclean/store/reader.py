@@ -55,6 +55,7 @@ class TrajectoryStore:
                 f"store {self.path} has format version {version}, this lmclean reads version {fmt.FORMAT_VERSION}; "
                 "use the lmclean version that wrote it (attribute lmclean_version) or re-record")
         self.meta: dict[str, Any] = meta
+        self._readers: dict[str, _ChunkReader | None] = {}  # per array: direct chunk reads (None: via zarr)
         self.manifest = ParamManifest.from_list(meta["manifest"])
         self.rule: UpdateRule = rule_from_dict(meta["optimizer"])
         try:
@@ -103,10 +104,9 @@ class TrajectoryStore:
         Read from the chunk file directly where the codecs allow (see _ChunkReader); the result
         may be a read-only view: copy it before writing into it."""
         where = f"step {index}" if step is None else f"row {index} (checkpoint of step {step})"
-        readers: dict[str, _ChunkReader | None] = self.__dict__.setdefault("_readers", {})
-        if name not in readers:
-            readers[name] = _ChunkReader.for_array(self.path, self.root[name])
-        reader = readers[name]
+        if name not in self._readers:
+            self._readers[name] = _ChunkReader.for_array(self.path, self.root[name])
+        reader = self._readers[name]
         if reader is not None:
             if not 0 <= index < reader.length:
                 raise StoreError(f"store {self.path}: array {name} has no {where} (it holds {reader.length} rows)")
