@@ -15,6 +15,7 @@ from curvature_cases import (
     CASE_IDS,
     CASES,
     Case,
+    build_llama,
     build_mlp,
     built,
     flatten_batch,
@@ -212,3 +213,22 @@ def test_bad_inputs_raise_config_error() -> None:
     with pytest.raises(ConfigError, match="Shape mismatch"):
         LowRankCurvature(torch.ones(2), torch.ones(3, 4))
 
+
+
+def test_subset_objective_is_the_rescaled_loss_of_its_rows() -> None:
+    """diag/lowrank anchors estimate curvature on part of a batch: the subset's loss is the kept
+    samples' weighted losses scaled by (total weight / kept weight), padding trimmed; float64."""
+    obj, params = build_llama()
+    rows = torch.tensor([1, 2])
+    sub = obj.subset(rows)
+    assert sub.input_ids.shape == (2, 4)  # trimmed to the longest kept sample (length 4)
+    per_sample = []
+    for i in range(3):
+        one = obj.subset(torch.tensor([i]))  # weight rescaled to the total: 1.0
+        per_sample.append(float(one.loss_from_outputs(one.outputs(params))) / float(obj.weights.sum()))
+    w = obj.weights
+    expected = float(w.sum() / w[rows].sum()) * sum(float(w[i]) * per_sample[i] for i in (1, 2))
+    assert float(sub.loss_from_outputs(sub.outputs(params))) == pytest.approx(expected, rel=1e-6)
+    full = obj.subset(torch.arange(3))
+    assert float(full.loss_from_outputs(full.outputs(params))) == pytest.approx(
+        float(obj.loss_from_outputs(obj.outputs(params))), rel=1e-6)

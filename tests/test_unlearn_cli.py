@@ -109,6 +109,7 @@ def test_dry_run_writes_nothing(store: Path, tmp_path: Path) -> None:
     (["--forget", "101", "--hvp", "newton"], "--hvp 'newton' is not known"),
     (["--forget", "101", "--method", "magic"], "--method 'magic' is not known"),
     (["--steps", "999"], "is not a recorded step"),
+    (["--forget", "101", "--hvp", "lowrank", "--anchor-fraction", "0"], "--anchor-fraction 0.0 must be in (0, 1]"),
 ])
 def test_bad_input_is_one_line(store: Path, args: list[str], needle: str) -> None:
     assert needle in _error_line(_invoke("unlearn", store, *args))

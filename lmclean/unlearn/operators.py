@@ -30,6 +30,11 @@ class OperatorSettings:
     refresh: int = 100  # diag/lowrank: steps an anchor estimate is reused for
     diag_probes: int = 8  # diag: Hutchinson probes per anchor
     anchor_fraction: float = 0.5  # diag/lowrank: share of the anchor step's batch the estimate uses
+
+    def __post_init__(self) -> None:
+        if not 0 < self.anchor_fraction <= 1:
+            raise ConfigError(f"--anchor-fraction {self.anchor_fraction} must be in (0, 1]: the share of the anchor "
+                              "step's batch that diag/lowrank estimate curvature on")
     seed: int = 0
 
 
@@ -99,8 +104,6 @@ class CurvatureOperator:
         reused for `refresh` steps of other batches anyway, so half a batch halves its cost for
         little loss (benchmarks/fidelity.py)."""
         f = self.s.anchor_fraction
-        if not 0 < f <= 1:
-            raise ConfigError(f"anchor fraction {f} must be in (0, 1]")
         weights = getattr(objective, "weights", None)
         if f == 1 or weights is None or not hasattr(objective, "subset"):
             return objective
