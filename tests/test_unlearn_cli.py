@@ -122,11 +122,15 @@ def test_missing_store_and_lock(store: Path, tmp_path: Path) -> None:
     assert "locked by pid" in line and not (tmp_path / "o").exists()
 
 
-def test_adamw_store_is_refused_for_lmcleaner(tmp_path: Path) -> None:
+def test_adamw_store_unlearns_at_sample_level_and_refuses_batch_level(tmp_path: Path) -> None:
     data = write_rows(tmp_path / "data.jsonl", n=8)
     train(tiny_config(data, **{"train.optimizer": "adamw", "train.lr": 0.01}), tmp_path / "a.zarr")
-    line = _error_line(_invoke("unlearn", tmp_path / "a.zarr", "--forget", "101"))
+    line = _error_line(_invoke("unlearn", tmp_path / "a.zarr", "--forget", "101", "--level", "batch"))
     assert "adamw" in line and "--method replay" in line
+    lm = _invoke("unlearn", tmp_path / "a.zarr", "--forget", "101", "--out", tmp_path / "l", "--keep-data", "--json")
+    assert lm.exit_code == 0, lm.output
+    report = json.loads((tmp_path / "l" / "unlearn_report.json").read_text())
+    assert report["method"] == "lmcleaner" and report["curvature_products"] > 0
     ok = _invoke("unlearn", tmp_path / "a.zarr", "--forget", "101", "--method", "replay", "--out", tmp_path / "r", "--keep-data")
     assert ok.exit_code == 0, ok.output
 

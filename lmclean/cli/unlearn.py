@@ -9,7 +9,7 @@ import typer
 
 from lmclean.cli._app import err, handle_errors, print_json, progress_bar
 from lmclean.store.reader import TrajectoryStore
-from lmclean.unlearn.lmcleaner import PropagationSettings
+from lmclean.unlearn.lmcleaner import PropagationSettings, require_supported
 from lmclean.unlearn.operators import OperatorSettings
 from lmclean.unlearn.resolve import resolve_forget
 from lmclean.audit import check_not_tombstoned
@@ -60,6 +60,8 @@ def unlearn(
         method=method, K=K, fraction=fraction, noise=noise, seed=seed,
         propagation=PropagationSettings(damping=damping, on_divergence=on_divergence, curvature_batch=curvature_batch, tail=tail, stabilize=stabilize,
                                         operator=OperatorSettings(hvp=hvp, rank=rank, refresh=refresh, anchor_fraction=anchor_fraction, seed=seed)))
+    if method == "lmcleaner":
+        require_supported(s, forget_set)  # before any output: an optimizer lmcleaner cannot follow
     if dry_run:
         check_not_tombstoned(s.path, description.get("sample_ids", []))
         data = {**plan(s, forget_set, options), **{k: v for k, v in description.items() if k != "fingerprints"}}

@@ -1,6 +1,7 @@
 """LMCleaner propagation: push the forget set's initial perturbation through the recorded steps.
 
-Linearised counterfactual (design note), for SGD with momentum μ and coupled weight decay λ:
+Linearised counterfactual (design note), for SGD with momentum μ and coupled weight decay λ (AdamW:
+the same δg, pushed through Adam's linearised moments, see `adamw_tangent`):
 
     d[t]     = (H_t^{−F} + (λ + damping) I) v_θ[t] − Σ_{j ∈ F∩S_t} w_{t,j} ∇ℓ_j(θ[t])
     v_m[t+1] = μ v_m[t] + d[t]            (μ = 0: v_m[t+1] = d[t])
@@ -21,9 +22,10 @@ from dataclasses import dataclass, field
 import torch
 
 from lmclean.errors import ConfigError, DivergenceError, UnsupportedError
-from lmclean.train.optim import SGDRule
+from lmclean.train.optim import AdamWRule, SGDRule
 from lmclean.unlearn.common import ForgetSet, SweepResult, flat_grad, update_of_step
 from lmclean.unlearn.operators import CurvatureOperator, OperatorSettings
+from lmclean.store import TrajectoryStore
 from lmclean.unlearn.trajectory import Trajectory
 
 Progress = Callable[[int, float], None]  # (step, ‖v‖)
@@ -50,12 +52,41 @@ class PropagationSettings:
     operator: OperatorSettings = field(default_factory=OperatorSettings)
 
 
-def require_sgd(traj: Trajectory) -> SGDRule:
-    if not isinstance(traj.rule, SGDRule):
-        raise UnsupportedError(
-            f"unlearning a {traj.rule.name} trajectory is not supported yet (SGD with momentum/weight decay is); "
-            "use --method replay for an exact answer")
-    return traj.rule
+def require_supported(traj: Trajectory | TrajectoryStore, forget: ForgetSet) -> SGDRule | AdamWRule:
+    """SGD (momentum, weight decay) at both levels; AdamW at sample level only: a removed step would
+    also shift Adam's step counter (its bias corrections), which is no small perturbation."""
+    if isinstance(traj.rule, SGDRule):
+        return traj.rule
+    if isinstance(traj.rule, AdamWRule):
+        if forget.steps:
+            raise UnsupportedError(
+                "batch-level unlearning of an adamw trajectory is not supported by lmcleaner (removing a step "
+                "shifts Adam's bias corrections); use --level sample or --method replay")
+        return traj.rule
+    raise UnsupportedError(f"unlearning a {traj.rule.name} trajectory is not supported; use --method replay")
+
+
+def adamw_tangent(rule: AdamWRule, t: int, lr: float, grad: torch.Tensor, state: dict[str, torch.Tensor],
+                  v: torch.Tensor, dm: torch.Tensor, ds: torch.Tensor, dg: torch.Tensor) -> None:
+    """One AdamW step linearised at the recorded (θ[t], m[t], s[t], g[t]), applied in place to the
+    perturbations (v = δθ, dm = δm, ds = δs) given the gradient perturbation dg = δg (all (P,)).
+
+        m' = β1 m + (1−β1) g,  s' = β2 s + (1−β2) g²,  θ' = (1 − ηλ) θ − (η/b1) m' / (√s'/b2 + ε)
+        δm' = β1 δm + (1−β1) δg,  δs' = β2 δs + 2(1−β2) g δg
+        δθ' = (1 − ηλ) δθ − (η/b1) [δm' / D − m' δD / D²],  D = √s'/b2 + ε,  δD = δs' / (2 b2 √s')
+
+    with b1 = 1 − β1^(t+1), b2 = √(1 − β2^(t+1)). Where s' = 0 (parameters no batch ever touched)
+    δD is taken as 0: √· is not differentiable there and the true change is second order."""
+    m_new = torch.lerp(state["exp_avg"], grad, 1 - rule.beta1)  # (P,)
+    s_new = state["exp_avg_sq"] * rule.beta2 + (1 - rule.beta2) * grad * grad  # (P,)
+    b1 = 1 - rule.beta1 ** (t + 1)
+    b2 = math.sqrt(1 - rule.beta2 ** (t + 1))
+    dm.mul_(rule.beta1).add_(dg, alpha=1 - rule.beta1)
+    ds.mul_(rule.beta2).add_(grad * dg, alpha=2 * (1 - rule.beta2))
+    root = s_new.sqrt()
+    denom = root / b2 + rule.eps
+    d_denom = torch.where(root > 0, ds / (2 * b2 * root.clamp(min=torch.finfo(root.dtype).tiny)), torch.zeros_like(ds))
+    v.mul_(1 - lr * rule.weight_decay).sub_((dm / denom - m_new * d_denom / denom**2) * (lr / b1))
 
 
 def propagate(traj: Trajectory, forget: ForgetSet, settings: PropagationSettings, progress: Progress | None = None) -> SweepResult:
@@ -77,7 +108,8 @@ def propagate(traj: Trajectory, forget: ForgetSet, settings: PropagationSettings
 
 def _sweep(traj: Trajectory, forget: ForgetSet, settings: PropagationSettings, damping: float,
            progress: Progress | None) -> SweepResult:
-    rule = require_sgd(traj)
+    rule = require_supported(traj, forget)
+    adam = isinstance(rule, AdamWRule)
     affected = forget.affected(traj)
     tau = traj.n_steps
     if not affected:
@@ -90,12 +122,12 @@ def _sweep(traj: Trajectory, forget: ForgetSet, settings: PropagationSettings, d
     end = tau if settings.tail == "lowrank" else stop
     op = CurvatureOperator(settings.operator, traj.manifest)
     tail_op = CurvatureOperator(settings.tail_operator, traj.manifest)
-    v = m = None  # (P,) perturbations of θ and of the momentum buffer
+    v = m = s2 = None  # (P,) perturbations of θ, of the momentum buffer (Adam: exp_avg) and of exp_avg_sq
     reference = 0.0
     result = SweepResult(torch.zeros(0), "lmcleaner", sorted(affected), (first, end), damping=damping)
     for t, theta, state in traj.states(first, end - 1):
         if v is None:
-            v, m = torch.zeros_like(theta), torch.zeros_like(theta)
+            v, m, s2 = torch.zeros_like(theta), torch.zeros_like(theta), torch.zeros_like(theta)
         info = traj.batch(t)
         if t in forget.steps:  # batch level: the step never happened
             u, dstate = update_of_step(traj, t, theta, state, info.lr)
@@ -110,22 +142,27 @@ def _sweep(traj: Trajectory, forget: ForgetSet, settings: PropagationSettings, d
                             if settings.curvature_batch == "full" or int(i) not in forget.sample_ids]
                 operator = op if t < stop else tail_op
                 hv = operator.at(t, theta, traj.objective(t, retained), lambda: traj.stored_grad(t))(v)
-                if settings.stabilize and (settings.operator.hvp != "exact" or t >= stop):
+                if settings.stabilize and not adam and (settings.operator.hvp != "exact" or t >= stop):
                     scale = _stable_scale(v, hv, info.lr)
                     if scale < 1.0:
                         hv = hv * scale
                         result.clipped_steps += 1
-                d += hv + (rule.weight_decay + damping) * v
+                d += hv + ((0.0 if adam else rule.weight_decay) + damping) * v  # AdamW's decay is decoupled
             if t in affected:
                 d -= flat_grad(traj.objective(t, affected[t]), traj.manifest, theta)
                 result.gradients += 1
-            if rule.momentum:
+            if adam:
+                adamw_tangent(rule, t, info.lr, traj.stored_grad(t), state, v, m, s2, d)
+            elif rule.momentum:
                 m.mul_(rule.momentum).add_(d)
                 v.add_(m, alpha=-info.lr)
             else:
                 v.add_(d, alpha=-info.lr)
         norm = float(torch.linalg.vector_norm(v))
-        if t in affected:
+        # the guard's yardstick: ‖v‖ right after injections. Adam's update is scale-invariant in g
+        # (first step: η·sign(g)), so an injection first lands in the moments and reaches θ over the
+        # next steps: for AdamW every step up to the last affected one counts.
+        if t in affected or (adam and t <= last):
             reference = max(reference, norm)
         result.v_norms.append((t, norm))
         if progress:

@@ -25,7 +25,7 @@ from lmclean.train.flat import flat_params
 from lmclean.train.model import load_flat_into, load_model, model_from_config_dict, save_model
 from lmclean.unlearn.baselines import replay, rollback
 from lmclean.unlearn.common import ForgetSet, SweepResult
-from lmclean.unlearn.lmcleaner import PropagationSettings, propagate, require_sgd
+from lmclean.unlearn.lmcleaner import PropagationSettings, propagate, require_supported
 from lmclean.unlearn.trajectory import StoreTrajectory
 
 METHODS = ("lmcleaner", "rollback", "replay")
@@ -146,7 +146,7 @@ def run_method(traj: StoreTrajectory, forget: ForgetSet, options: UnlearnOptions
         return rollback(traj, forget, progress)
     if options.method == "replay":
         return replay(traj, forget, K=options.K, fraction=options.fraction, seed=options.seed, progress=progress)
-    require_sgd(traj)
+    require_supported(traj, forget)
     settings = options.propagation
     settings.K = options.K if options.K is not None else traj.n_steps
     return propagate(traj, forget, settings, progress)
