@@ -165,6 +165,8 @@ def main() -> None:
     for hvp in ["exact", "diag", "lowrank", "fisher"]:
         variants.append((f"lmcleaner {hvp} K=800", lm(hvp, 800)))
     variants.append(("lmcleaner exact K=20", lm("exact", 20)))
+    for cf in [0.5, 0.25, 0.125]:  # subsampled curvature: each step's product on a share of its batch
+        variants.append((f"lmcleaner ggn K=800 cf={cf}", lm("ggn", 800, curvature_fraction=cf)))
     if not args.quick:
         variants.append(("lmcleaner lowrank r=32 K=800", lm("lowrank", 800, rank=32, lanczos_iter=40)))
         variants.append(("replay K=20", lambda: replay(traj, forget, K=20)))

@@ -127,6 +127,25 @@ def test_rollback_adds_back_each_occurrence_share() -> None:
     assert torch.linalg.vector_norm(run.thetas[-1] + res.delta - retrained) > 1e-3  # not exact
 
 
+def test_subsampled_curvature() -> None:
+    """--curvature-fraction: each step's product on a random share of its batch. Fraction 1 is the
+    exact answer; half the batch (weights rescaled) stays close and is reproducible by seed."""
+    run = make_run(SGDRule(momentum=0.5), n=64, batch=16)
+    forget = ForgetSet(sample_ids={6})
+    retrained = run.run(exclude={6})[0][-1]
+    theta = run.thetas[-1]
+
+    def settings(f: float) -> PropagationSettings:
+        return PropagationSettings(K=10_000, damping=0.0, operator=OperatorSettings(hvp="exact", curvature_fraction=f, seed=1))
+
+    torch.testing.assert_close(theta + propagate(run, forget, settings(1.0)).delta, retrained, rtol=0, atol=TOL)
+    half = propagate(run, forget, settings(0.5))
+    ratio = float(torch.linalg.vector_norm(theta + half.delta - retrained) / torch.linalg.vector_norm(theta - retrained))
+    rb = float(torch.linalg.vector_norm(theta + rollback(run, forget).delta - retrained) / torch.linalg.vector_norm(theta - retrained))
+    assert 1e-6 < ratio < rb / 3, (ratio, rb)
+    assert torch.equal(half.delta, propagate(run, forget, settings(0.5)).delta)
+
+
 def test_control_variate_replay() -> None:
     """With S' = all retained samples the estimate is exact; with half of them it stays close."""
     run = make_run(SGDRule(momentum=0.5), n=64, batch=16)

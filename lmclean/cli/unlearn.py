@@ -34,6 +34,7 @@ def unlearn(
     stabilize: Annotated[bool, typer.Option(help="Clip curvature steps where η·λ > 2 so the propagation stays non-expansive (PSD curvature only).")] = True,
     rank: Annotated[int, typer.Option(help="lowrank: eigenpairs per anchor step.")] = 8,
     refresh: Annotated[int, typer.Option(help="lowrank/diag: reuse an anchor's curvature for this many steps.")] = 100,
+    curvature_fraction: Annotated[float, typer.Option(help="ggn/exact: take each step's curvature product on a random share of its batch (weights rescaled): about that share of the cost, noisier.")] = 1.0,
     anchor_fraction: Annotated[float, typer.Option(help="lowrank/diag: share of the anchor step's batch the curvature estimate uses (1 = all; 0.5 halves its cost).")] = 0.5,
     fraction: Annotated[Optional[float], typer.Option(help="replay: estimate the gradient change on this fraction of each batch (control variate).")] = None,
     noise: Annotated[float, typer.Option(help="Add Gaussian noise N(0, σ²) to the unlearned weights.")] = 0.0,
@@ -59,7 +60,8 @@ def unlearn(
     options = UnlearnOptions(
         method=method, K=K, fraction=fraction, noise=noise, seed=seed,
         propagation=PropagationSettings(damping=damping, on_divergence=on_divergence, curvature_batch=curvature_batch, tail=tail, stabilize=stabilize,
-                                        operator=OperatorSettings(hvp=hvp, rank=rank, refresh=refresh, anchor_fraction=anchor_fraction, seed=seed)))
+                                        operator=OperatorSettings(hvp=hvp, rank=rank, refresh=refresh, anchor_fraction=anchor_fraction,
+                                                                   curvature_fraction=curvature_fraction, seed=seed)))
     if method == "lmcleaner":
         require_supported(s, forget_set)  # before any output: an optimizer lmcleaner cannot follow
     if dry_run:

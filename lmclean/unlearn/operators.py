@@ -30,12 +30,14 @@ class OperatorSettings:
     refresh: int = 100  # diag/lowrank: steps an anchor estimate is reused for
     diag_probes: int = 8  # diag: Hutchinson probes per anchor
     anchor_fraction: float = 0.5  # diag/lowrank: share of the anchor step's batch the estimate uses
+    curvature_fraction: float = 1.0  # ggn/exact: share of each step's batch its product is taken on
+    seed: int = 0
 
     def __post_init__(self) -> None:
-        if not 0 < self.anchor_fraction <= 1:
-            raise ConfigError(f"--anchor-fraction {self.anchor_fraction} must be in (0, 1]: the share of the anchor "
-                              "step's batch that diag/lowrank estimate curvature on")
-    seed: int = 0
+        for flag, value, what in (("--anchor-fraction", self.anchor_fraction, "diag/lowrank estimate curvature on"),
+                                  ("--curvature-fraction", self.curvature_fraction, "ggn/exact take each product on")):
+            if not 0 < value <= 1:
+                raise ConfigError(f"{flag} {value} must be in (0, 1]: the share of the step's batch that {what}")
 
 
 class CurvatureOperator:
@@ -56,6 +58,7 @@ class CurvatureOperator:
         params = self.manifest.views(theta)
         if name in ("exact", "ggn"):
             product = get_product(name)
+            objective = self._subsample(t, objective, self.s.curvature_fraction)
 
             def matvec(v: Tensor) -> Tensor:
                 self.products += 1
@@ -79,7 +82,7 @@ class CurvatureOperator:
 
     def _refresh(self, t: int, params: dict[str, Tensor], objective: Objective) -> None:
         self._anchor_step = t
-        objective = self._anchor_objective(t, objective)
+        objective = self._subsample(t, objective, self.s.anchor_fraction)
         if self.s.hvp == "diag":
             gen = torch.Generator().manual_seed(self.s.seed * 100003 + t)
             diag = ggn_diagonal_hutchinson(objective, params, self.s.diag_probes, gen)
@@ -99,11 +102,11 @@ class CurvatureOperator:
         self.products += n_iter
         self._anchor = LowRankCurvature(vals.clamp(min=0), vecs)
 
-    def _anchor_objective(self, t: int, objective: Objective) -> Objective:
-        """A random share `anchor_fraction` of the anchor batch (weights rescaled): the estimate is
-        reused for `refresh` steps of other batches anyway, so half a batch halves its cost for
-        little loss (benchmarks/fidelity.py)."""
-        f = self.s.anchor_fraction
+    def _subsample(self, t: int, objective: Objective, f: float) -> Objective:
+        """A random share f of step t's batch, weights rescaled to the batch total, so the curvature
+        estimate stays unbiased (for equal weights, as the built-in trainer's) at about f of the cost. Anchors (diag/lowrank) use half a batch by
+        default: their estimate stands in for `refresh` other batches anyway. Per-step products
+        (ggn/exact) use the whole batch unless --curvature-fraction says otherwise."""
         weights = getattr(objective, "weights", None)
         if f == 1 or weights is None or not hasattr(objective, "subset"):
             return objective
