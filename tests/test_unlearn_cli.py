@@ -50,6 +50,11 @@ def test_each_method_writes_a_loadable_model_and_report_without_touching_the_sto
         report = json.loads(r.stdout)
         assert report["method"] == method and report["output"] == str(out) and report["steps_touched"]
         assert json.loads((out / "unlearn_report.json").read_text())["method"] == method
+        if method == "lmcleaner":  # every sweep setting is in the report
+            assert report["propagation"]["operator"] == {
+                "hvp": "ggn", "rank": 8, "lanczos_iter": 12, "refresh": 100, "diag_probes": 8,
+                "anchor_fraction": 0.5, "curvature_fraction": 1.0, "seed": 0}
+            assert report["propagation"]["tail"] == "carry" and report["propagation"]["stabilize"] is True
         model = load_model(out)
         new = flat_params(model, TrajectoryStore(store).manifest)
         assert torch.isfinite(new).all() and not torch.equal(new, theta)

@@ -6,6 +6,7 @@ its `unlearn_report.json`, or not at all.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -235,6 +236,11 @@ def compute_and_write(store: TrajectoryStore, forget: ForgetSet, description: di
         "damping": result.damping if options.method == "lmcleaner" else None,
         "curvature_batch": options.propagation.curvature_batch if options.method == "lmcleaner" else None,
         "fraction": options.fraction, "noise_sigma": options.noise, "seed": options.seed,
+        # every setting the sweep used, so the report alone reproduces it
+        "propagation": ({"tail": options.propagation.tail, "stabilize": options.propagation.stabilize,
+                         "on_divergence": options.propagation.on_divergence,
+                         "operator": dataclasses.asdict(options.propagation.operator)}
+                        if options.method == "lmcleaner" else None),
         "steps_touched": result.steps_touched, "window": list(result.window),
         "curvature_products": result.products, "gradient_evaluations": round(result.gradients, 3),
         "v_norm": {"first": norms[0] if norms else 0.0, "max": max(norms, default=0.0), "last": norms[-1] if norms else 0.0,
