@@ -274,3 +274,33 @@ def test_layout_is_the_documented_format(runs: dict[str, TrainResult]) -> None:
     assert meta["optimizer"] == {"name": "sgd", "momentum": 0.9, "weight_decay": 0.01}
     assert [e["offset"] for e in meta["manifest"]] == [sum(e["numel"] for e in meta["manifest"][:i]) for i in range(len(meta["manifest"]))]
     assert json.loads((store.path / "COMMIT.json").read_text()) == {"committed_steps": T, "checkpoints": CHECKPOINTS, "closed": True}
+
+
+@pytest.mark.parametrize("token_rows", [1, 16], ids=["one-step-token-chunks", "16-step-token-chunks"])
+def test_interrupted_record_resumes_to_the_uninterrupted_store(tmp_path: Path, token_rows: int,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C at step 7 (mid token block), then `--resume`: the tokens and final θ equal an
+    uninterrupted run's. With one step per tokens chunk (the layout of stores written before the
+    16-step blocks) the writer resumes by the array's own metadata."""
+    from lmclean.store import format as fmt
+
+    cfg = tiny_config(write_rows(tmp_path / "data.jsonl"), **{"record.checkpoint_every": 4})
+    monkeypatch.setattr(fmt, "TOKEN_ROWS", token_rows)
+    whole = train(cfg, tmp_path / "whole.zarr")
+
+    def stop_at_7(step: int, total: int, loss: float, lr: float) -> None:
+        if step == 7:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "cut.zarr", on_step=stop_at_7)
+    assert 0 < TrajectoryStore(tmp_path / "cut.zarr").committed_steps < whole.steps
+    monkeypatch.setattr(fmt, "TOKEN_ROWS", 16)  # today's writer, whatever layout the store has
+    train(cfg, tmp_path / "cut.zarr", resume=True)
+    a, b = TrajectoryStore(tmp_path / "whole.zarr"), TrajectoryStore(tmp_path / "cut.zarr")
+    rows = zarr.open_array(str(tmp_path / "cut.zarr" / "steps/tokens"), mode="r").metadata.chunk_grid.chunk_shape[0]
+    assert rows == min(token_rows, whole.steps)
+    for name in ("steps/tokens", "steps/sample_ids", "steps/lengths"):
+        assert np.array_equal(np.asarray(zarr.open_array(str(a.path / name), mode="r")[:]),
+                              np.asarray(zarr.open_array(str(b.path / name), mode="r")[:])), name
+    assert torch.equal(a.checkpoint(a.committed_steps)[0], b.checkpoint(b.committed_steps)[0])
