@@ -123,7 +123,8 @@ class Recorder:
                     opt_state: dict[str, torch.Tensor] | None = None, copy: bool = True) -> None:
         """Record step `step`: call after backward, before the update. `grad` is the flat mean batch
         gradient (P,); `theta`/`opt_state` are needed on checkpoint steps (see needs_checkpoint).
-        `copy=False` hands over `grad` without copying it: the caller must never modify it again."""
+        The gradient is copied into one of the writer's recycled buffers (`copy` is kept for callers
+        of earlier versions and no longer matters): the caller may reuse `grad` at once."""
         w = weights.detach().cpu().numpy() if isinstance(weights, torch.Tensor) else np.asarray(weights)
         b = len(sample_ids)
         if not (len(w) == b == input_ids.shape[0] == lengths.shape[0]):
@@ -142,12 +143,13 @@ class Recorder:
         # torch work stays on this thread: torch (or BLAS) calls on the writer thread would compete
         # with training for the cores (see lmclean/store/writer.py)
         norm = float(torch.linalg.vector_norm(g))  # fp32 accumulation: rel. error ~1e-7, a third of the time
+        stored = self.writer.grad_buffer()  # (P,) recycled: cheaper than a fresh buffer per step
         if self.precision == "bf16":
-            stored = g.to(torch.bfloat16, copy=True).view(torch.int16).cpu().numpy().view(np.uint16)
+            torch.from_numpy(stored.view(np.int16)).view(torch.bfloat16).copy_(g)  # rounds to nearest even
         else:
-            stored = _owned(g.float().cpu().numpy(), copy)
+            torch.from_numpy(stored).copy_(g)
         self.writer.put(StepRow(
-            step=step, lr=float(lr), loss=float(loss), grad=stored, grad_norm=norm,
+            step=step, lr=float(lr), loss=float(loss), grad=stored, grad_norm=norm, pooled=True,
             sample_ids=np.asarray(sample_ids, dtype=np.int64), weights=w.astype(np.float64),
             tokens=input_ids.detach().cpu().numpy().astype(np.int32), lengths=lengths.detach().cpu().numpy().astype(np.int32)))
 
@@ -215,5 +217,3 @@ def torch_optimizer_state(optimizer: torch.optim.Optimizer, model: torch.nn.Modu
     return out
 
 
-def _owned(a: np.ndarray, copy: bool) -> np.ndarray:
-    return a.copy() if copy else a

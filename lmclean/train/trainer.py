@@ -178,8 +178,7 @@ def _train(cfg: LmcleanConfig, store: Path | None, *, exclude: list[int] | None 
                 loss_value = 0.0
                 grad = torch.zeros_like(theta)
             recorder.record_step(t, lr=lr, loss=loss_value, sample_ids=kept, weights=weights,
-                                 input_ids=input_ids, lengths=lengths, grad=grad, theta=theta, opt_state=state,
-                                 copy=False)  # grad is a fresh tensor that the update only reads
+                                 input_ids=input_ids, lengths=lengths, grad=grad, theta=theta, opt_state=state)
             with torch.no_grad():
                 rule.step(theta, grad, lr, state, t)
             if on_step:
