@@ -16,10 +16,11 @@ from training; benchmarks/record_overhead.py):
   Recorder with torch on the training thread (~35 us, less than the writer took for it).
 - every new file costs ~0.1-0.5 ms of kernel time on ext4 (more while torch keeps both cores
   busy), and chunk keys with "/" add a directory per step (two for the tokens: 1.6 ms of writer
-  CPU per step, more than the gradient): every array uses "." keys, and the small per-step arrays (lr, loss, grad_norm, sample_ids, weights, lengths) are
-  kept in blocks of BLOCK_ROWS steps, rewritten at each commit instead of a file per step; the
-  tokens in blocks of TOKEN_ROWS steps, filled at each commit after the sample-ids block (so any
-  token chunk on disk has its sample ids on disk). Per step there is one new file: the gradient's.
+  CPU per step, more than the gradient): every array uses "." keys, and the small per-step
+  arrays (lr, loss, grad_norm, sample_ids, weights, lengths) are kept in blocks of BLOCK_ROWS
+  steps, rewritten at each commit instead of a file per step; the tokens in blocks of TOKEN_ROWS
+  steps, filled at each commit after the sample-ids block (so any token chunk on disk has its
+  sample ids on disk). Per step there is one new file: the gradient's.
 - the writer wakes at most every `batch_wait` seconds and then drains the queue: fewer wake-ups
   preempting torch's OpenMP threads.
 Commits are throttled to one per `commit_interval` seconds, plus one at every checkpoint and one
@@ -272,7 +273,9 @@ class StoreWriter:
         # Recycled gradient buffers: one per queue slot, one being written, one being filled. A fresh
         # buffer per step (torch's own, handed over) cost ~170 page faults per step on the training
         # thread, and the TLB shootdowns of freeing it on this thread interrupt training's cores.
-        self._pool: queue.SimpleQueue[np.ndarray] = queue.SimpleQueue()
+        # Last in, first out: while the writer keeps up only the first few buffers are ever used,
+        # and np.zeros leaves the others unmapped (no memory for a large model's idle buffers).
+        self._pool: queue.LifoQueue[np.ndarray] = queue.LifoQueue()
         for _ in range(max(1, queue_size) + 2):
             self._pool.put(np.zeros(self._P, dtype=self._rows["grad"].dtype))
         self._stopping = threading.Event()
