@@ -63,8 +63,10 @@ def grad_dtype(precision: str) -> tuple[str, Any]:
     return ("uint16", MISSING_BF16) if precision == "bf16" else ("float32", np.float32("nan"))
 
 
-def numcodec(codec: Any) -> Any:
-    """The numcodecs codec equivalent to one bytes->bytes Zarr v3 codec (what zarr itself calls).
+def chunk_codecs(array: Any) -> tuple[np.dtype, list[Any]]:
+    """(little-endian dtype, numcodecs bytes->bytes codecs in encode order) of a Zarr v3 array whose
+    chunks lmclean reads and writes itself, or StoreError when its pipeline is not bytes(little)
+    followed by blosc/zstd.
 
     The writer encodes and the reader decodes chunk files with these directly: zarr's array API
     costs about a millisecond per call, more than decoding a gradient row."""
@@ -72,13 +74,22 @@ def numcodec(codec: Any) -> Any:
 
     from lmclean.errors import StoreError
 
-    if isinstance(codec, zc.BloscCodec):
-        shuffle = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[codec.shuffle.value]
-        return numcodecs.Blosc.from_config({"cname": codec.cname.value, "clevel": codec.clevel, "shuffle": shuffle,
-                                            "blocksize": codec.blocksize, "typesize": codec.typesize})
-    if isinstance(codec, zc.ZstdCodec):
-        return numcodecs.Zstd.from_config({"level": codec.level, "checksum": codec.checksum})
-    raise StoreError(f"codec {type(codec).__name__} is not supported by the lmclean writer")
+    codecs = list(array.metadata.codecs)
+    first = codecs[0] if codecs else None
+    if not isinstance(first, zc.BytesCodec) or (first.endian is not None and first.endian.value != "little"):
+        raise StoreError(f"array {array.path}: lmclean reads and writes chunks that start with little-endian bytes")
+    out = []
+    for codec in codecs[1:]:
+        if isinstance(codec, zc.BloscCodec):
+            shuffle = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[codec.shuffle.value]
+            out.append(numcodecs.Blosc.from_config({"cname": codec.cname.value, "clevel": codec.clevel,
+                                                    "shuffle": shuffle, "blocksize": codec.blocksize,
+                                                    "typesize": codec.typesize}))
+        elif isinstance(codec, zc.ZstdCodec):
+            out.append(numcodecs.Zstd.from_config({"level": codec.level, "checksum": codec.checksum}))
+        else:
+            raise StoreError(f"array {array.path}: codec {type(codec).__name__} is not one lmclean reads or writes")
+    return np.dtype(array.dtype).newbyteorder("<"), out
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

@@ -250,14 +250,13 @@ class _ChunkReader:
     reads their rows in order: one decode per block), keyed by the file's inode, size and mtime so
     a chunk rewritten in place (scrub, resume) is read again."""
 
-    def __init__(self, store_path: Path, arr: Any) -> None:
+    def __init__(self, store_path: Path, arr: Any, dtype: np.dtype, codecs: list[Any]) -> None:
         meta = arr.metadata
         self.length = int(arr.shape[0])
         self.chunk_shape = tuple(int(n) for n in meta.chunk_grid.chunk_shape)
         self.rows = self.chunk_shape[0]
-        codecs = list(meta.codecs)
-        self.decoders = [fmt.numcodec(c) for c in reversed(codecs[1:])]
-        self.dtype = np.dtype(arr.dtype).newbyteorder("<")
+        self.decoders = codecs[::-1]  # decode in reverse encode order
+        self.dtype = dtype
         self.dir = store_path / arr.path
         self._key = meta.encode_chunk_key
         self._ndim = arr.ndim
@@ -266,15 +265,11 @@ class _ChunkReader:
     @classmethod
     def for_array(cls, store_path: Path, arr: Any) -> "_ChunkReader | None":
         """A reader, or None when the array's codecs are not bytes(little) + blosc/zstd (zarr reads those)."""
-        import zarr.codecs as zc
-
-        codecs = list(arr.metadata.codecs)
-        first = codecs[0] if codecs else None
-        if not isinstance(first, zc.BytesCodec) or (first.endian is not None and first.endian.value != "little"):
+        try:
+            dtype, codecs = fmt.chunk_codecs(arr)
+        except StoreError:
             return None
-        if not all(isinstance(c, (zc.BloscCodec, zc.ZstdCodec)) for c in codecs[1:]):
-            return None
-        return cls(store_path, arr)
+        return cls(store_path, arr, dtype, codecs)
 
     def chunk(self, index: int) -> np.ndarray | None:
         """Chunk `index` decoded (read-only), or None when its file does not exist."""

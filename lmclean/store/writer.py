@@ -41,7 +41,6 @@ from typing import Any
 
 import numpy as np
 import zarr
-import zarr.codecs as zc
 
 from lmclean.errors import StoreError
 from lmclean.store import format as fmt
@@ -80,12 +79,8 @@ class ChunkFiles:
         if self.chunk_shape[1:] != self.shape[1:]:
             raise StoreError(f"array {self.name} has chunks {self.chunk_shape}, the writer needs whole rows per chunk")
         self.rows = self.chunk_shape[0]
-        codecs = list(meta.codecs)
-        if not isinstance(codecs[0], zc.BytesCodec) or (codecs[0].endian is not None and codecs[0].endian.value != "little"):
-            raise StoreError(f"array {self.name}: the writer needs little-endian bytes as the first codec")
-        self.dtype = np.dtype(array.dtype).newbyteorder("<")
+        self.dtype, self.encoders = fmt.chunk_codecs(array)
         self.fill = meta.fill_value
-        self.encoders = [fmt.numcodec(c) for c in codecs[1:]]
         self.dir = store_path / array.path
         self._key = meta.encode_chunk_key
         self._fd: int | None = None  # the array directory, opened on first write (paths resolve from it)
