@@ -176,6 +176,7 @@ def test_block_rows_read_directly_match_zarr_and_follow_rewrites(runs: dict[str,
         ref = np.asarray(zarr.open_array(str(path / name), mode="r")[:STEPS])
         got = np.stack([store._row(name, t) for t in range(STEPS)])
         assert np.array_equal(got, ref, equal_nan=True), name
+        assert store._readers[name] is not None, name  # read directly, not through zarr
     tokens = zarr.open_array(str(path / "steps/tokens"), mode="r+")
     before = store.step(1).tokens
     tokens[1] = np.zeros(tokens.shape[1:], dtype=np.int32)  # zarr rewrites the block chunk holding step 1
