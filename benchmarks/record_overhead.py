@@ -1,16 +1,19 @@
 """Recording overhead of `lmclean record` on the bundled example model, measured side by side.
 
 For N training steps of the examples/tiny.yaml run (model and data set) it times the same training
-loop three ways in one process: without recording (`train(cfg, None)`), recording fp32 gradients,
-and recording bf16 gradients. The three run in rounds, in a rotating order, each recording into a
-fresh store; the overhead of a round is its recorded step time over its unrecorded step time, and
+loop in one process: without recording (`train(cfg, None)`), recording fp32 gradients and
+recording bf16 gradients with the default codec (`record.codec: auto`), and, with `--blosc`,
+fp32 with bit-shuffled blosc (`record.codec: blosc`, smaller and more writer CPU). The modes run
+in rounds, in a rotating order, each recording into a fresh store; the overhead of a round is its recorded step time over its unrecorded step time, and
 the median over rounds is reported, so load that drifts during the run (the machine is shared)
 hits both sides of each ratio alike. The recorded time includes flushing the writer queue at the
 end (`Recorder.close`): queued work is not hidden.
 
 Bytes per parameter per step = bytes on disk under STORE/steps/grad / (steps x parameters).
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/record_overhead.py [--steps N] [--rounds 7] [--json]
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/record_overhead.py [--steps N] [--rounds 9] [--blosc] [--json]
+
+`--config examples/small.yaml --steps 300` measures the 427k-parameter model of the issue's example config.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MODES = ("none", "fp32", "bf16")
+# mode -> (record.precision, record.codec); "none" trains without recording
+RECORDED = {"fp32": ("fp32", "auto"), "bf16": ("bf16", "auto"), "fp32-blosc": ("fp32", "blosc")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="training steps per measured run (default: the whole example run, 8 epochs = 304 steps)")
     ap.add_argument("--rounds", type=int, default=9, help="rounds of (none, fp32, bf16), rotating order; medians reported")
     ap.add_argument("--config", type=Path, default=ROOT / "examples" / "tiny.yaml")
+    ap.add_argument("--blosc", action="store_true", help="also time fp32 with record.codec=blosc (bit-shuffle)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads before training (default: torch's)")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON on stdout")
     args = ap.parse_args(argv)
@@ -48,23 +53,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps:
         overrides.append(f"train.steps={args.steps}")
     cfg = config_mod.load(args.config, overrides)
+    MODES = ("none", "fp32", "bf16", *(["fp32-blosc"] if args.blosc else []))
+    n = len(MODES)
     ms: dict[str, list[float]] = {m: [] for m in MODES}
     stats: dict[str, list] = {m: [] for m in MODES[1:]}
     params = 0
     with tempfile.TemporaryDirectory(prefix="lmclean-bench-") as tmp:
         train(cfg, None, save_final=False)  # warm-up: imports, allocator, caches
         for r in range(args.rounds):
-            for mode in MODES[r % 3:] + MODES[: r % 3]:
+            for mode in MODES[r % n:] + MODES[: r % n]:
                 if mode == "none":
                     res = train(cfg, None, save_final=False)
                 else:
-                    cfg.record.precision = mode
+                    cfg.record.precision, cfg.record.codec = RECORDED[mode]
                     store = Path(tmp) / f"{mode}-{r}.zarr"  # fresh: deleting a store is no part of recording
                     res = train(cfg, store, save_final=False)
                     params = res.run.manifest.size
                     stats[mode].append((res.stats, store_size_bytes(store, "steps/grad")))
                 ms[mode].append(1e3 * res.seconds / res.steps)
-                print(f"round {r + 1}/{args.rounds} {mode:4s} {ms[mode][-1]:7.2f} ms/step", file=sys.stderr)
+                print(f"round {r + 1}/{args.rounds} {mode:10s} {ms[mode][-1]:7.2f} ms/step", file=sys.stderr)
     steps = res.steps
     raw = steps * params * 4
     report: dict = {"model": str(args.config), "params": params, "steps": steps, "rounds": args.rounds,
@@ -88,14 +95,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"{args.config.name}: {params:,} parameters, {steps} steps x {args.rounds} rounds, "
           f"torch threads {report['torch_threads']}")
-    print(f"{'mode':5s} {'ms/step':>8s} {'overhead':>9s} {'quartiles':>14s} {'B/param/step':>13s} {'vs raw fp32':>12s} "
+    print(f"{'mode':10s} {'ms/step':>8s} {'overhead':>9s} {'quartiles':>14s} {'B/param/step':>13s} {'vs raw fp32':>12s} "
           f"{'writer CPU ms/step':>19s}")
     for mode in MODES:
         if mode == "none":
-            print(f"{mode:5s} {report['ms_per_step'][mode]:8.2f} {'-':>9s} {'-':>14s} {'-':>13s} {'-':>12s} {'-':>19s}")
+            print(f"{mode:10s} {report['ms_per_step'][mode]:8.2f} {'-':>9s} {'-':>14s} {'-':>13s} {'-':>12s} {'-':>19s}")
             continue
         q1, q3 = report["overhead_pct_quartiles"][mode]
-        print(f"{mode:5s} {report['ms_per_step'][mode]:8.2f} {report['overhead_pct'][mode]:8.1f}% {f'{q1:.1f}..{q3:.1f}%':>14s} "
+        print(f"{mode:10s} {report['ms_per_step'][mode]:8.2f} {report['overhead_pct'][mode]:8.1f}% {f'{q1:.1f}..{q3:.1f}%':>14s} "
               f"{report['bytes_per_param_per_step'][mode]:13.3f} {report['compression_vs_raw_fp32'][mode]:11.2f}x "
               f"{report['writer_cpu_ms_per_step'][mode]:19.2f}")
     print("overhead = median over rounds of (recorded / unrecorded step time of the round) - 1; "

@@ -72,7 +72,8 @@ class RecordConfig:
     checkpoint_every: int = _f(50, "Save parameters and optimizer state every this many steps.")
     precision: Literal["fp32", "bf16"] = _f("fp32", "Stored gradient precision (bf16 is lossy, ~2x smaller).")
     codec: Literal["auto", "zstd", "blosc", "none"] = _f(
-        "auto", "Gradient compressor: auto and blosc = blosc lz4 with bit-shuffle (best measured), zstd, or none."
+        "auto", "Gradient compressor. auto: fastest that compresses (fp32: blosc lz4, ~1.1x; bf16: lz4 with "
+        "bit-shuffle, ~3.2x vs fp32); blosc: lz4 with bit-shuffle (fp32 ~1.3x, more writer CPU); zstd; none."
     )
     queue_size: int = _f(8, "Steps buffered for the background writer before training waits.")
 

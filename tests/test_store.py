@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from conftest import tiny_config, write_rows
 
 from lmclean.errors import InputNotFoundError, StoreError, StoreVersionError
 from lmclean.objective import CausalLMObjective, loss_of
+from lmclean.store import format as fmt
 from lmclean.store.reader import TrajectoryStore
 from lmclean.store.summary import summarize
 from lmclean.store.writer import store_size_bytes
@@ -54,6 +56,26 @@ def _chunk(store: Path, array: str, row: int) -> Path:
     arr = zarr.open_array(str(store / array), mode="r")
     rows = arr.metadata.chunk_grid.chunk_shape[0]
     return store / array / arr.metadata.encode_chunk_key((row // rows,) + (0,) * (arr.ndim - 1))
+
+
+def _drop_row(store: Path, array: str, row: int) -> None:
+    """Lose one row: unlink its chunk file, or, in a sharded array, blank its shard index entry."""
+    arr = zarr.open_array(str(store / array), mode="r")
+    if fmt.shard_rows(arr) is None:
+        _chunk(store, array, row).unlink()
+        return
+    with _chunk(store, array, row).open("r+b") as f:
+        f.seek(16 * (row % fmt.shard_rows(arr)))
+        f.write(b"\xff" * 16)
+
+
+def _shard_row_extent(store: Path, array: str, row: int) -> tuple[int, int]:
+    """(offset, nbytes) of one row inside its shard file."""
+    arr = zarr.open_array(str(store / array), mode="r")
+    with _chunk(store, array, row).open("rb") as f:
+        f.seek(16 * (row % fmt.shard_rows(arr)))
+        offset, nbytes = np.frombuffer(f.read(16), dtype="<u8")
+    return int(offset), int(nbytes)
 
 
 def _copy(result: TrainResult, tmp_path: Path) -> Path:
@@ -141,7 +163,7 @@ def test_bf16_store_is_the_rounded_gradient_smaller_and_replays_within_tolerance
 
 def test_missing_chunks_are_errors_naming_array_and_step_never_zeros(runs: dict[str, TrainResult], tmp_path: Path) -> None:
     path = _copy(runs["sgd"], tmp_path)
-    _chunk(path, "steps/grad", 5).unlink()
+    _drop_row(path, "steps/grad", 5)
     _chunk(path, "steps/sample_ids", 3).unlink()
     _chunk(path, "checkpoints/theta", 2).unlink()  # row 2 = the checkpoint of step 10
     store = TrajectoryStore(path)
@@ -161,9 +183,20 @@ def test_missing_chunks_are_errors_naming_array_and_step_never_zeros(runs: dict[
 
 def test_corrupted_chunk_is_an_error(runs: dict[str, TrainResult], tmp_path: Path) -> None:
     path = _copy(runs["sgd"], tmp_path)
-    _chunk(path, "steps/grad", 2).write_bytes(b"not a blosc frame")
+    offset, nbytes = _shard_row_extent(path, "steps/grad", 2)
+    with _chunk(path, "steps/grad", 2).open("r+b") as f:
+        f.seek(offset)
+        f.write(b"not a blosc frame")
     with pytest.raises(StoreError, match="array steps/grad at step 2 is unreadable"):
         TrajectoryStore(path).grad(2)
+    last = STEPS - 1
+    offset, nbytes = _shard_row_extent(path, "steps/grad", last)
+    os.truncate(_chunk(path, "steps/grad", last), offset + nbytes // 2)  # a shard cut short
+    with pytest.raises(StoreError, match=f"array steps/grad at step {last} is unreadable.*truncated"):
+        TrajectoryStore(path).grad(last)
+    _chunk(path, "steps/grad", 0).unlink()  # the whole shard: every row in it is missing
+    with pytest.raises(StoreError, match=r"array steps/grad has no data at step 0 \(chunk file missing\)"):
+        TrajectoryStore(path).grad(0)
 
 
 def test_block_rows_read_directly_match_zarr_and_follow_rewrites(runs: dict[str, TrainResult], tmp_path: Path) -> None:
@@ -242,7 +275,7 @@ def test_layout_is_the_documented_format(runs: dict[str, TrainResult]) -> None:
     P, T, B, L, K = store.manifest.size, STEPS, 4, 48, len(CHECKPOINTS)
     R, RT = min(256, T), min(16, T)
     expected = {  # name: (shape, dtype, chunks, separator, fill, compressor)
-        "steps/grad": ((T, P), "float32", (1, P), ".", "nan", "blosc"),
+        "steps/grad": ((T, P), "float32", (min(T, 256), P), ".", "nan", "sharding_indexed"),
         "steps/tokens": ((T, B, L), "int32", (RT, B, L), ".", -2, "zstd"),
         "steps/lr": ((T,), "float64", (R,), ".", "nan", "zstd"),
         "steps/loss": ((T,), "float64", (R,), ".", "nan", "zstd"),
@@ -264,9 +297,16 @@ def test_layout_is_the_documented_format(runs: dict[str, TrainResult]) -> None:
         if fill is not None:
             assert str(meta["fill_value"]).lower() == str(fill), name
         names = [c["name"] for c in meta["codecs"]]
-        assert names == ["bytes"] + ([codec] if codec else []), (name, names)
-    grad_codec = json.loads((store.path / "steps/grad/zarr.json").read_text())["codecs"][1]["configuration"]
-    assert (grad_codec["cname"], grad_codec["clevel"], grad_codec["shuffle"], grad_codec["typesize"]) == ("lz4", 1, "bitshuffle", 4)
+        assert names == ([codec] if codec == "sharding_indexed" else ["bytes"] + ([codec] if codec else [])), (name, names)
+    # the gradient: shards of one-row chunks, a plain index at the start; fp32 rows in blosc lz4
+    # without shuffle (record.codec auto), checkpoints likewise
+    sharding = json.loads((store.path / "steps/grad/zarr.json").read_text())["codecs"][0]["configuration"]
+    assert tuple(sharding["chunk_shape"]) == (1, P) and sharding["index_location"] == "start"
+    assert [c["name"] for c in sharding["index_codecs"]] == ["bytes"]
+    assert [c["name"] for c in sharding["codecs"]] == ["bytes", "blosc"]
+    theta_codec = json.loads((store.path / "checkpoints/theta/zarr.json").read_text())["codecs"][1]["configuration"]
+    for blosc in (sharding["codecs"][1]["configuration"], theta_codec):
+        assert (blosc["cname"], blosc["clevel"], blosc["shuffle"], blosc["typesize"]) == ("lz4", 1, "noshuffle", 4)
     meta = store.meta
     for key in ["format_version", "lmclean_version", "created", "config", "model_config", "manifest", "param_count",
                 "optimizer", "schedule", "tokenizer", "pad_id", "planned_steps", "batch_size", "max_length",

@@ -19,6 +19,7 @@ import zarr
 
 from lmclean.errors import InputNotFoundError, StoreError, StoreVersionError
 from lmclean.store import format as fmt
+from lmclean.store.shard import read_row
 from lmclean.train.flat import ParamManifest
 from lmclean.train.optim import UpdateRule, rule_from_dict
 
@@ -254,6 +255,9 @@ class _ChunkReader:
         meta = arr.metadata
         self.length = int(arr.shape[0])
         self.chunk_shape = tuple(int(n) for n in meta.chunk_grid.chunk_shape)
+        self.shard_rows = fmt.shard_rows(arr)  # a sharded array: rows per shard file (chunks are rows)
+        if self.shard_rows is not None:
+            self.chunk_shape = (1, *self.chunk_shape[1:])
         self.rows = self.chunk_shape[0]
         self.decoders = codecs[::-1]  # decode in reverse encode order
         self.dtype = dtype
@@ -272,7 +276,15 @@ class _ChunkReader:
         return cls(store_path, arr, dtype, codecs)
 
     def chunk(self, index: int) -> np.ndarray | None:
-        """Chunk `index` decoded (read-only), or None when its file does not exist."""
+        """Chunk `index` decoded (read-only), or None when its file (or its shard's row) does not exist."""
+        if self.shard_rows is not None:
+            shard, row = divmod(index, self.shard_rows)
+            data = read_row(self.dir / self._key((shard,) + (0,) * (self._ndim - 1)), row)
+            if data is None:
+                return None
+            for dec in self.decoders:
+                data = dec.decode(data)
+            return np.frombuffer(data, dtype=self.dtype).reshape(self.chunk_shape)
         path = self.dir / self._key((index,) + (0,) * (self._ndim - 1))
         try:
             st = path.stat()

@@ -20,7 +20,8 @@ from training; benchmarks/record_overhead.py):
   arrays (lr, loss, grad_norm, sample_ids, weights, lengths) are kept in blocks of BLOCK_ROWS
   steps, rewritten at each commit instead of a file per step; the tokens in blocks of TOKEN_ROWS
   steps, filled at each commit after the sample-ids block (so any token chunk on disk has its
-  sample ids on disk). Per step there is one new file: the gradient's.
+  sample ids on disk). The gradient rows go GRAD_SHARD_ROWS to a shard file, appended in place
+  (lmclean/store/shard.py): a file per step cost ~0.4 ms of kernel CPU. No file is created per step.
 - the writer wakes at most every `batch_wait` seconds and then drains the queue: fewer wake-ups
   preempting torch's OpenMP threads.
 Commits are throttled to one per `commit_interval` seconds, plus one at every checkpoint and one
@@ -44,6 +45,7 @@ import zarr
 
 from lmclean.errors import StoreError
 from lmclean.store import format as fmt
+from lmclean.store.shard import ShardRowArray
 
 
 @dataclass
@@ -92,14 +94,10 @@ class ChunkFiles:
     def chunk_path(self, index: int) -> Path:
         return self.dir / self.chunk_key(index)
 
-    def encode(self, data: np.ndarray) -> bytes:
-        data = np.ascontiguousarray(data, dtype=self.dtype)
+    def encode(self, data: np.ndarray) -> bytes | memoryview:
         if data.size != int(np.prod(self.chunk_shape)):
             raise StoreError(f"array {self.name}: chunk of shape {data.shape}, expected {self.chunk_shape}")
-        out: Any = data
-        for enc in self.encoders:
-            out = enc.encode(out)
-        return out.tobytes() if isinstance(out, np.ndarray) else bytes(out)
+        return fmt.encode_chunk(data, self.dtype, self.encoders)
 
     def write_chunk(self, index: int, data: np.ndarray) -> int:
         """Encode and write chunk `index` atomically (temp file + rename); returns the bytes written."""
@@ -126,6 +124,13 @@ class ChunkFiles:
                 os.unlink(tmp, dir_fd=fd)
             raise
         return len(encoded)
+
+    def first_missing(self, count: int) -> int | None:
+        """The first of rows 0..count-1 whose chunk file does not exist, or None."""
+        for index in range(-(-count // self.rows)):
+            if not self.chunk_path(index).is_file():
+                return index * self.rows
+        return None
 
     def _make_dirs(self, parent: str) -> None:
         parts = parent.split("/")
@@ -158,6 +163,15 @@ class RowArray(ChunkFiles):
         if not 0 <= index < self.shape[0]:
             raise StoreError(f"array {self.name}: row {index} is outside 0..{self.shape[0] - 1}")
         return self.write_chunk(index, row)
+
+    def write_staged(self) -> None:
+        """Nothing to do: each row is written at once (ShardRowArray stages rows)."""
+
+
+def _row_array(store_path: Path, array: zarr.Array) -> RowArray | ShardRowArray:
+    """The writer of a one-row-per-chunk array: shards appended in place (new stores), or a chunk
+    file per row (stores recorded before the gradient was sharded, when resumed)."""
+    return ShardRowArray(store_path, array) if fmt.shard_rows(array) is not None else RowArray(store_path, array)
 
 
 class BlockArray(ChunkFiles):
@@ -209,8 +223,9 @@ def create_layout(path: Path, meta: dict[str, Any], P: int, T: int, B: int, L: i
     for name in fmt.STEP_SCALARS:
         steps.create_array(name, shape=(T,), chunks=(R,), dtype="float64", fill_value=np.nan, compressors=fmt.INT_CODEC, **flat)
     gdtype, gfill = fmt.grad_dtype(precision)
-    steps.create_array("grad", shape=(T, P), chunks=(1, P), dtype=gdtype, fill_value=gfill,
-                       compressors=fmt.grad_codec(precision, codec), **flat)
+    S = fmt.grad_shard_rows(P, np.dtype(gdtype).itemsize, max(T, 1))
+    steps.create_array("grad", shape=(T, P), chunks=(S, P), dtype=gdtype, fill_value=gfill,
+                       serializer=fmt.grad_serializer(precision, codec, P), compressors=None, **flat)
     steps.create_array("sample_ids", shape=(T, B), chunks=(R, B), dtype="int64", fill_value=fmt.MISSING_INT,
                        compressors=fmt.INT_CODEC, **flat)
     steps.create_array("weights", shape=(T, B), chunks=(R, B), dtype="float64", fill_value=np.nan,
@@ -243,7 +258,7 @@ class StoreWriter:
         self._precision = meta["precision"]
         self._plan = list(meta["checkpoint_plan"])
         steps = root["steps"]
-        self._rows = {name: RowArray(self.path, steps[name]) for name in fmt.ROW_ARRAYS}
+        self._rows = {name: _row_array(self.path, steps[name]) for name in fmt.ROW_ARRAYS}
         self._blocks = {name: BlockArray(self.path, steps[name], committed_steps) for name in fmt.BLOCK_ARRAYS}
         self._tokens = BlockArray(self.path, steps["tokens"], committed_steps)  # filled at commits only
         self._ck = {name: RowArray(self.path, arr) for name, arr in root["checkpoints"].arrays()}
@@ -337,6 +352,11 @@ class StoreWriter:
                     if isinstance(item, StepRow) and item.pooled:
                         self._pool.put(item.grad)  # encoded and written (or dropped): free again
                 if self._queue.empty():  # let a few steps queue up: fewer wake-ups on busy cores
+                    if self._error is None:
+                        try:
+                            self._write_staged()  # the drained steps' gradients, in one write
+                        except BaseException as exc:  # noqa: BLE001 - re-raised on the training thread
+                            self._error = exc
                     self._stopping.wait(self.batch_wait)
         finally:
             if self._dirty and self._error is None:
@@ -396,6 +416,7 @@ class StoreWriter:
         Token rows enter their block only here, after the sample-ids block is on disk, so every
         token chunk on disk, even one past the commit point after a crash, has its sample ids on
         disk (scrubbing relies on it)."""
+        self._write_staged()
         for arr in self._blocks.values():
             self.bytes_written += arr.flush()
         for t, toks in self._pending_tokens:
@@ -409,6 +430,10 @@ class StoreWriter:
         self._dirty = False
         self.commits += 1
 
+    def _write_staged(self) -> None:
+        for arr in self._rows.values():
+            arr.write_staged()
+
     def commit_now(self) -> None:
         """Commit from the training thread (only while the queue is idle, e.g. right after reopening)."""
         self._commit()
@@ -416,10 +441,9 @@ class StoreWriter:
     def verify(self) -> None:
         """After close: every committed step and checkpoint has all its chunk files (else StoreError)."""
         for arr in (*self._rows.values(), *self._blocks.values(), self._tokens):
-            for index in range(-(-self.committed_steps // arr.rows)):
-                if not arr.chunk_path(index).is_file():
-                    raise StoreError(f"store {self.path}: array {arr.name} has no chunk for committed step "
-                                     f"{index * arr.rows}")
+            missing = arr.first_missing(self.committed_steps)
+            if missing is not None:
+                raise StoreError(f"store {self.path}: array {arr.name} has no chunk for committed step {missing}")
         for step in self.checkpoints:
             index = self._plan.index(step)
             for arr in self._ck.values():
