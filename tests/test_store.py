@@ -317,16 +317,21 @@ def test_layout_is_the_documented_format(runs: dict[str, TrainResult]) -> None:
     assert json.loads((store.path / "COMMIT.json").read_text()) == {"committed_steps": T, "checkpoints": CHECKPOINTS, "closed": True}
 
 
-@pytest.mark.parametrize("token_rows", [1, 16], ids=["one-step-token-chunks", "16-step-token-chunks"])
-def test_interrupted_record_resumes_to_the_uninterrupted_store(tmp_path: Path, token_rows: int,
+@pytest.mark.parametrize(("token_rows", "grad_files"), [(1, "shards"), (16, "shards"), (16, "file-per-row")],
+                         ids=["one-step-token-chunks", "16-step-token-chunks", "chunk-file-per-gradient-row"])
+def test_interrupted_record_resumes_to_the_uninterrupted_store(tmp_path: Path, token_rows: int, grad_files: str,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    """Ctrl-C at step 7 (mid token block), then `--resume`: the tokens and final θ equal an
-    uninterrupted run's. With one step per tokens chunk (the layout of stores written before the
-    16-step blocks) the writer resumes by the array's own metadata."""
-    from lmclean.store import format as fmt
+    """Ctrl-C at step 7 (mid token block, mid gradient shard), then `--resume`: the tokens,
+    gradients and final θ equal an uninterrupted run's. With one step per tokens chunk, or a chunk
+    file per gradient row (the layouts of stores written before the 16-step token blocks and the
+    gradient shards) the writer resumes by the array's own metadata."""
+    import zarr.codecs as zc
 
     cfg = tiny_config(write_rows(tmp_path / "data.jsonl"), **{"record.checkpoint_every": 4})
     monkeypatch.setattr(fmt, "TOKEN_ROWS", token_rows)
+    if grad_files == "file-per-row":  # the earlier layout: chunks of one row, no sharding
+        monkeypatch.setattr(fmt, "grad_shard_rows", lambda P, itemsize, T: 1)
+        monkeypatch.setattr(fmt, "grad_serializer", lambda precision, codec, P: zc.BytesCodec())
     whole = train(cfg, tmp_path / "whole.zarr")
 
     def stop_at_7(step: int, total: int, loss: float, lr: float) -> None:
@@ -336,11 +341,14 @@ def test_interrupted_record_resumes_to_the_uninterrupted_store(tmp_path: Path, t
     with pytest.raises(KeyboardInterrupt):
         train(cfg, tmp_path / "cut.zarr", on_step=stop_at_7)
     assert 0 < TrajectoryStore(tmp_path / "cut.zarr").committed_steps < whole.steps
-    monkeypatch.setattr(fmt, "TOKEN_ROWS", 16)  # today's writer, whatever layout the store has
+    monkeypatch.undo()  # today's writer, whatever layout the store has
     train(cfg, tmp_path / "cut.zarr", resume=True)
     a, b = TrajectoryStore(tmp_path / "whole.zarr"), TrajectoryStore(tmp_path / "cut.zarr")
     rows = zarr.open_array(str(tmp_path / "cut.zarr" / "steps/tokens"), mode="r").metadata.chunk_grid.chunk_shape[0]
     assert rows == min(token_rows, whole.steps)
+    grad = b.root["steps/grad"]
+    assert (fmt.shard_rows(grad) is None) == (grad_files == "file-per-row")
+    assert all(torch.equal(a.grad(t), b.grad(t)) for t in range(whole.steps))
     for name in ("steps/tokens", "steps/sample_ids", "steps/lengths"):
         assert np.array_equal(np.asarray(zarr.open_array(str(a.path / name), mode="r")[:]),
                               np.asarray(zarr.open_array(str(b.path / name), mode="r")[:])), name
