@@ -50,6 +50,25 @@ def test_rows_appended_in_place_read_back_through_zarr(tmp_path: Path, direct: b
     assert offsets[0] == data_start(4) and (offsets % fmt.SHARD_ALIGN == 0).all()  # O_DIRECT-ready layout
 
 
+@pytest.mark.parametrize("direct", [True, False], ids=["O_DIRECT", "page-cache"])
+def test_rows_larger_than_the_staging_buffer_go_out_in_pieces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              direct: bool) -> None:
+    """A large model's row is not copied whole into the staging buffer: it is written in pieces
+    of STAGE_BYTES (here 8 KB against 12 KB rows), the buffer staying that size."""
+    import lmclean.store.shard as shard_mod
+
+    monkeypatch.setattr(shard_mod, "STAGE_BYTES", 2 * fmt.SHARD_ALIGN)
+    g = _rows()
+    writer = ShardRowArray(tmp_path, _array(tmp_path, codec="none"))
+    writer.direct = direct
+    for t in range(T):
+        writer.write(t, g[t])
+    writer.write_staged()
+    assert writer._scratch is not None and len(writer._scratch) == 2 * fmt.SHARD_ALIGN
+    writer.close()
+    assert np.array_equal(zarr.open_array(str(tmp_path / "grad"), mode="r")[:], g)
+
+
 def test_resume_inside_a_shard_keeps_earlier_rows_and_forgets_later_ones(tmp_path: Path) -> None:
     g, h = _rows(0), _rows(1)
     writer = ShardRowArray(tmp_path, _array(tmp_path))

@@ -38,7 +38,7 @@ from lmclean.store import format as fmt
 
 ENTRY = struct.Struct("<QQ")  # (offset, nbytes) of one row in its shard
 EMPTY = 2**64 - 1
-STAGE_BYTES = 32 << 20  # rows staged for one write at most (a single larger row is written alone)
+STAGE_BYTES = 32 << 20  # staged rows written at once, at most; a larger row goes out alone, in pieces of this
 
 
 def _align(n: int) -> int:
@@ -127,8 +127,11 @@ class ShardRowArray:
         self._next = index + 1
         encoded = self.encode(row)
         n, padded = len(encoded), _align(len(encoded))
-        if self._staged and self._used + padded > max(STAGE_BYTES, padded):
+        if self._staged and self._used + padded > STAGE_BYTES:
             self.write_staged()
+        if padded > STAGE_BYTES:  # a large model's row: through the staging buffer piece by piece
+            self._write_large(j, encoded)
+            return n
         self._reserve(self._used + padded)
         assert self._scratch is not None
         self._scratch[self._used: self._used + n] = encoded
@@ -225,11 +228,32 @@ class ShardRowArray:
             except (OSError, AttributeError):  # no O_DIRECT here (tmpfs, macOS): the page cache it is
                 self.direct = False
 
+    def _write_large(self, j: int, encoded: bytes | memoryview) -> None:
+        """Write one row larger than STAGE_BYTES and its index entry, staging STAGE_BYTES at a time
+        (the staging buffer stays small however large the model)."""
+        n, offset = len(encoded), self._end
+        source = memoryview(encoded)
+        self._reserve(STAGE_BYTES)
+        assert self._fd is not None and self._scratch is not None
+        for start in range(0, n, STAGE_BYTES):
+            piece = source[start: start + STAGE_BYTES]
+            size = _align(len(piece))
+            self._scratch[: len(piece)] = piece
+            self._scratch[len(piece): size] = bytes(size - len(piece))
+            view = memoryview(self._scratch)[:size]
+            try:
+                self._write_data(offset + start, view)
+            finally:
+                view.release()
+        os.pwrite(self._fd, ENTRY.pack(offset, n), ENTRY.size * j)
+        self._end = offset + _align(n)
+
     def _reserve(self, size: int) -> None:
         """A staging buffer of at least `size` bytes, keeping what is staged."""
         if self._scratch is not None and len(self._scratch) >= size:
             return
-        grown = mmap.mmap(-1, _align(max(size, 2 * len(self._scratch) if self._scratch else size)))  # page-aligned
+        # page-aligned; callers never ask for more than STAGE_BYTES, so doubling stops there
+        grown = mmap.mmap(-1, _align(min(STAGE_BYTES, max(size, 2 * len(self._scratch) if self._scratch else size))))
         if self._scratch is not None:
             grown[: self._used] = self._scratch[: self._used]
             self._scratch.close()
