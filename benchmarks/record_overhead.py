@@ -4,9 +4,9 @@ For N training steps of the examples/tiny.yaml run (model and data set) it times
 loop in one process: without recording (`train(cfg, None)`), recording fp32 gradients and
 recording bf16 gradients with the default codec (`record.codec: auto`), and, with `--blosc`,
 fp32 with bit-shuffled blosc (`record.codec: blosc`, smaller and more writer CPU). The modes run
-in rounds, in a rotating order, each recording into a fresh store; the overhead of a round is its recorded step time over its unrecorded step time, and
-the median over rounds is reported, so load that drifts during the run (the machine is shared)
-hits both sides of each ratio alike. The recorded time includes flushing the writer queue at the
+in rounds, in a rotating order, each recording into a fresh store; the overhead of a round is its
+recorded step time over its unrecorded step time, and the median over rounds is reported, so load
+that drifts during the run (the machine is shared) hits both sides of each ratio alike. The recorded time includes flushing the writer queue at the
 end (`Recorder.close`): queued work is not hidden.
 
 Bytes per parameter per step = bytes on disk under STORE/steps/grad / (steps x parameters).
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=None,
                     help="training steps per measured run (default: the whole example run, 8 epochs = 304 steps)")
-    ap.add_argument("--rounds", type=int, default=9, help="rounds of (none, fp32, bf16), rotating order; medians reported")
+    ap.add_argument("--rounds", type=int, default=9, help="rounds of all modes (none, fp32, bf16[, fp32-blosc]), rotating order; medians reported")
     ap.add_argument("--config", type=Path, default=ROOT / "examples" / "tiny.yaml")
     ap.add_argument("--blosc", action="store_true", help="also time fp32 with record.codec=blosc (bit-shuffle)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads before training (default: torch's)")
@@ -53,15 +53,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps:
         overrides.append(f"train.steps={args.steps}")
     cfg = config_mod.load(args.config, overrides)
-    MODES = ("none", "fp32", "bf16", *(["fp32-blosc"] if args.blosc else []))
-    n = len(MODES)
-    ms: dict[str, list[float]] = {m: [] for m in MODES}
-    stats: dict[str, list] = {m: [] for m in MODES[1:]}
+    modes = ("none", "fp32", "bf16", *(["fp32-blosc"] if args.blosc else []))
+    n = len(modes)
+    ms: dict[str, list[float]] = {m: [] for m in modes}
+    stats: dict[str, list] = {m: [] for m in modes[1:]}
     params = 0
     with tempfile.TemporaryDirectory(prefix="lmclean-bench-") as tmp:
         train(cfg, None, save_final=False)  # warm-up: imports, allocator, caches
         for r in range(args.rounds):
-            for mode in MODES[r % n:] + MODES[: r % n]:
+            for mode in modes[r % n:] + modes[: r % n]:
                 if mode == "none":
                     res = train(cfg, None, save_final=False)
                 else:
@@ -78,9 +78,9 @@ def main(argv: list[str] | None = None) -> int:
                     "torch_threads": torch.get_num_threads(), "ms_per_step": {}, "overhead_pct": {},
                     "bytes_per_param_per_step": {}, "compression_vs_raw_fp32": {}, "writer_cpu_ms_per_step": {},
                     "overhead_pct_quartiles": {}}
-    for mode in MODES:
+    for mode in modes:
         report["ms_per_step"][mode] = round(statistics.median(ms[mode]), 3)
-    for mode in MODES[1:]:
+    for mode in modes[1:]:
         ratios = [a / b - 1 for a, b in zip(ms[mode], ms["none"])]
         grad_bytes = stats[mode][-1][1]
         report["overhead_pct"][mode] = round(100 * statistics.median(ratios), 1)
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
           f"torch threads {report['torch_threads']}")
     print(f"{'mode':10s} {'ms/step':>8s} {'overhead':>9s} {'quartiles':>14s} {'B/param/step':>13s} {'vs raw fp32':>12s} "
           f"{'writer CPU ms/step':>19s}")
-    for mode in MODES:
+    for mode in modes:
         if mode == "none":
             print(f"{mode:10s} {report['ms_per_step'][mode]:8.2f} {'-':>9s} {'-':>14s} {'-':>13s} {'-':>12s} {'-':>19s}")
             continue

@@ -17,6 +17,7 @@ from lmclean.errors import InputNotFoundError, StoreError, StoreVersionError
 from lmclean.objective import CausalLMObjective, loss_of
 from lmclean.store import format as fmt
 from lmclean.store.reader import TrajectoryStore
+from lmclean.store.shard import ENTRY
 from lmclean.store.summary import summarize
 from lmclean.store.writer import store_size_bytes
 from lmclean.train.model import model_from_config_dict
@@ -58,24 +59,26 @@ def _chunk(store: Path, array: str, row: int) -> Path:
     return store / array / arr.metadata.encode_chunk_key((row // rows,) + (0,) * (arr.ndim - 1))
 
 
-def _drop_row(store: Path, array: str, row: int) -> None:
-    """Lose one row: unlink its chunk file, or, in a sharded array, blank its shard index entry."""
+def _shard_entry(store: Path, array: str, row: int) -> tuple[Path, int]:
+    """The shard file holding one row of a sharded array, and the byte position of its index entry."""
     arr = zarr.open_array(str(store / array), mode="r")
-    if fmt.shard_rows(arr) is None:
-        _chunk(store, array, row).unlink()
-        return
-    with _chunk(store, array, row).open("r+b") as f:
-        f.seek(16 * (row % fmt.shard_rows(arr)))
-        f.write(b"\xff" * 16)
+    return _chunk(store, array, row), ENTRY.size * (row % fmt.shard_rows(arr))
+
+
+def _drop_row(store: Path, array: str, row: int) -> None:
+    """Lose one row of a sharded array: blank its shard index entry."""
+    path, pos = _shard_entry(store, array, row)
+    with path.open("r+b") as f:
+        f.seek(pos)
+        f.write(b"\xff" * ENTRY.size)
 
 
 def _shard_row_extent(store: Path, array: str, row: int) -> tuple[int, int]:
     """(offset, nbytes) of one row inside its shard file."""
-    arr = zarr.open_array(str(store / array), mode="r")
-    with _chunk(store, array, row).open("rb") as f:
-        f.seek(16 * (row % fmt.shard_rows(arr)))
-        offset, nbytes = np.frombuffer(f.read(16), dtype="<u8")
-    return int(offset), int(nbytes)
+    path, pos = _shard_entry(store, array, row)
+    with path.open("rb") as f:
+        f.seek(pos)
+        return ENTRY.unpack(f.read(ENTRY.size))
 
 
 def _copy(result: TrainResult, tmp_path: Path) -> Path:

@@ -57,6 +57,7 @@ class TrajectoryStore:
                 "use the lmclean version that wrote it (attribute lmclean_version) or re-record")
         self.meta: dict[str, Any] = meta
         self._readers: dict[str, _ChunkReader | None] = {}  # per array: direct chunk reads (None: via zarr)
+        self._seen_committed = 0  # committed steps last read from COMMIT.json (see _check_step)
         self.manifest = ParamManifest.from_list(meta["manifest"])
         self.rule: UpdateRule = rule_from_dict(meta["optimizer"])
         try:
@@ -93,7 +94,7 @@ class TrajectoryStore:
     def _check_step(self, t: int) -> None:
         # Steps below a count already seen committed stay committed while we hold the store (writers
         # take the lock): skip re-reading COMMIT.json on every row of a sweep.
-        if 0 <= t < getattr(self, "_seen_committed", 0):
+        if 0 <= t < self._seen_committed:
             return
         n = self._seen_committed = self.committed_steps
         if not 0 <= t < n:
@@ -280,11 +281,7 @@ class _ChunkReader:
         if self.shard_rows is not None:
             shard, row = divmod(index, self.shard_rows)
             data = read_row(self.dir / self._key((shard,) + (0,) * (self._ndim - 1)), row)
-            if data is None:
-                return None
-            for dec in self.decoders:
-                data = dec.decode(data)
-            return np.frombuffer(data, dtype=self.dtype).reshape(self.chunk_shape)
+            return None if data is None else self._decode(data)
         path = self.dir / self._key((index,) + (0,) * (self._ndim - 1))
         try:
             st = path.stat()
@@ -293,13 +290,15 @@ class _ChunkReader:
         sig = (index, st.st_ino, st.st_size, st.st_mtime_ns)
         if self._cached is not None and self._cached[0] == sig:
             return self._cached[1]
-        data: Any = path.read_bytes()
-        for dec in self.decoders:
-            data = dec.decode(data)
-        value = np.frombuffer(data, dtype=self.dtype).reshape(self.chunk_shape)
+        value = self._decode(path.read_bytes())
         if self.rows > 1:
             self._cached = (sig, value)
         return value
+
+    def _decode(self, data: Any) -> np.ndarray:
+        for dec in self.decoders:
+            data = dec.decode(data)
+        return np.frombuffer(data, dtype=self.dtype).reshape(self.chunk_shape)
 
 
 def _all_fill(value: np.ndarray, fill: Any) -> bool:

@@ -50,6 +50,17 @@ def data_start(rows: int) -> int:
     return _align(ENTRY.size * rows)
 
 
+def _index(fd: int, rows: int) -> np.ndarray:
+    """The first `rows` index entries of an open shard as (n, 2) uint64 (fewer if the file is shorter)."""
+    raw = os.pread(fd, ENTRY.size * rows, 0)
+    return np.frombuffer(raw[: len(raw) // ENTRY.size * ENTRY.size], dtype="<u8").reshape(-1, 2)
+
+
+def _absent(entries: np.ndarray) -> np.ndarray:
+    """Which of these index entries mark a row not written, (n,) bool."""
+    return (entries == EMPTY).all(axis=1)
+
+
 def read_row(path: Path, row: int) -> bytes | None:
     """The encoded bytes of row `row` (0-based within the shard) of shard file `path`; None when
     the file or the row is absent. StoreError when the index points past the end of the file."""
@@ -112,10 +123,9 @@ class ShardRowArray:
             raise StoreError(f"array {self.name}: row of shape {row.shape}, expected {self.shape[1:]}")
         return fmt.encode_chunk(row, self.dtype, self.encoders)
 
-    def write(self, index: int, row: np.ndarray) -> int:
-        """Encode row `index` and stage it for its shard; returns the encoded size. The row is on
-        disk and referenced after the next `write_staged` (the writer calls it before it sleeps
-        and before every commit)."""
+    def write(self, index: int, row: np.ndarray) -> None:
+        """Encode row `index` and stage it for its shard. The row is on disk and referenced after
+        the next `write_staged` (the writer calls it before it sleeps and before every commit)."""
         if not 0 <= index < self.shape[0]:
             raise StoreError(f"array {self.name}: row {index} is outside 0..{self.shape[0] - 1}")
         if self._next is not None and index != self._next:
@@ -131,7 +141,7 @@ class ShardRowArray:
             self.write_staged()
         if padded > STAGE_BYTES:  # a large model's row: through the staging buffer piece by piece
             self._write_large(j, encoded)
-            return n
+            return
         self._reserve(self._used + padded)
         assert self._scratch is not None
         self._scratch[self._used: self._used + n] = encoded
@@ -139,7 +149,6 @@ class ShardRowArray:
         self._staged.append((j, self._end, n))
         self._end += padded
         self._used += padded
-        return n
 
     def write_staged(self) -> None:
         """Write the staged rows with one write, then their index entries with another."""
@@ -162,12 +171,14 @@ class ShardRowArray:
         for shard in range(-(-count // self.rows)):
             rows = min(self.rows, count - shard * self.rows)
             try:
-                with self.chunk_path(shard).open("rb") as f:
-                    raw = f.read(ENTRY.size * rows)
+                fd = os.open(self.chunk_path(shard), os.O_RDONLY)
             except FileNotFoundError:
                 return shard * self.rows
-            entries = np.frombuffer(raw[: len(raw) // ENTRY.size * ENTRY.size], dtype="<u8").reshape(-1, 2)
-            absent = np.flatnonzero((entries == EMPTY).all(axis=1))
+            try:
+                entries = _index(fd, rows)
+            finally:
+                os.close(fd)
+            absent = np.flatnonzero(_absent(entries))
             if len(entries) < rows or len(absent):
                 return shard * self.rows + int(absent[0] if len(absent) else len(entries))
         return None
@@ -212,9 +223,8 @@ class ShardRowArray:
             except FileNotFoundError:
                 raise StoreError(f"array {self.name}: shard {key} holding step {shard * self.rows} is missing; "
                                  "the store is damaged") from None
-            raw = os.pread(self._fd, ENTRY.size * self.rows, 0)
-            entries = np.frombuffer(raw, dtype="<u8").reshape(-1, 2) if len(raw) == ENTRY.size * self.rows else None
-            if entries is None or (entries[:first_row] == EMPTY).any():
+            entries = _index(self._fd, self.rows)
+            if len(entries) < self.rows or _absent(entries[:first_row]).any():
                 raise StoreError(f"array {self.name}: shard {key} lacks rows before step "
                                  f"{shard * self.rows + first_row}; the store is damaged")
             kept = entries[:first_row]

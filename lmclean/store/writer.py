@@ -99,8 +99,8 @@ class ChunkFiles:
             raise StoreError(f"array {self.name}: chunk of shape {data.shape}, expected {self.chunk_shape}")
         return fmt.encode_chunk(data, self.dtype, self.encoders)
 
-    def write_chunk(self, index: int, data: np.ndarray) -> int:
-        """Encode and write chunk `index` atomically (temp file + rename); returns the bytes written."""
+    def write_chunk(self, index: int, data: np.ndarray) -> None:
+        """Encode and write chunk `index` atomically (temp file + rename)."""
         encoded = self.encode(data)
         if self._fd is None:
             self._fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
@@ -123,7 +123,6 @@ class ChunkFiles:
             with contextlib.suppress(OSError):
                 os.unlink(tmp, dir_fd=fd)
             raise
-        return len(encoded)
 
     def first_missing(self, count: int) -> int | None:
         """The first of rows 0..count-1 whose chunk file does not exist, or None."""
@@ -159,10 +158,10 @@ class RowArray(ChunkFiles):
         if self.rows != 1:
             raise StoreError(f"array {self.name} has {self.rows} rows per chunk, expected 1")
 
-    def write(self, index: int, row: np.ndarray) -> int:
+    def write(self, index: int, row: np.ndarray) -> None:
         if not 0 <= index < self.shape[0]:
             raise StoreError(f"array {self.name}: row {index} is outside 0..{self.shape[0] - 1}")
-        return self.write_chunk(index, row)
+        self.write_chunk(index, row)
 
     def write_staged(self) -> None:
         """Nothing to do: each row is written at once (ShardRowArray stages rows)."""
@@ -193,23 +192,20 @@ class BlockArray(ChunkFiles):
             except Exception as exc:
                 raise StoreError(f"store {store_path}: array {self.name} rows {lo}..{start - 1} are unreadable ({exc})") from exc
 
-    def set(self, index: int, row: Any) -> int:
-        """Put row `index` (in order); a completed block is written at once. Returns bytes written."""
-        written = 0
+    def set(self, index: int, row: Any) -> None:
+        """Put row `index` (in order); a completed block is written at once."""
         block = index // self.rows
         if block != self.block:
-            written = self.flush()
+            self.flush()
             self.buf.fill(self.fill)
             self.block = block
         self.buf[index - block * self.rows] = row
         self.dirty = True
-        return written
 
-    def flush(self) -> int:
-        if not self.dirty:
-            return 0
-        self.dirty = False
-        return self.write_chunk(self.block, self.buf)
+    def flush(self) -> None:
+        if self.dirty:
+            self.dirty = False
+            self.write_chunk(self.block, self.buf)
 
 
 def create_layout(path: Path, meta: dict[str, Any], P: int, T: int, B: int, L: int, K: int,
@@ -255,7 +251,6 @@ class StoreWriter:
         self.path = Path(path)
         root = zarr.open_group(str(self.path), mode="r")
         meta = root.attrs[fmt.META_KEY]
-        self._precision = meta["precision"]
         self._plan = list(meta["checkpoint_plan"])
         steps = root["steps"]
         self._rows = {name: _row_array(self.path, steps[name]) for name in fmt.ROW_ARRAYS}
@@ -272,11 +267,7 @@ class StoreWriter:
         self.max_pending_bytes = 8 << 20  # token rows held for the next commit, at most
         self._pending_tokens: list[tuple[int, np.ndarray]] = []
         self._pending_bytes = 0
-        self.bytes_raw = 0
-        self.bytes_written = 0
-        self.write_seconds = 0.0  # wall time spent writing (includes waiting for the disk)
         self.cpu_seconds = 0.0  # CPU time of the writer thread, set when it stops
-        self.commits = 0
         self._last_commit = time.monotonic()
         self._dirty = False
         self._queue: queue.Queue[StepRow | CheckpointRow | None] = queue.Queue(maxsize=max(1, queue_size))
@@ -340,12 +331,10 @@ class StoreWriter:
                 try:
                     if self._error is not None:
                         continue  # drain so the producer never blocks forever
-                    start = time.perf_counter()
                     if isinstance(item, CheckpointRow):
                         self._write_checkpoint(item)
                     else:
                         self._write_step(item)
-                    self.write_seconds += time.perf_counter() - start
                 except BaseException as exc:  # noqa: BLE001 - re-raised on the training thread
                     self._error = exc
                 finally:
@@ -370,10 +359,10 @@ class StoreWriter:
 
     def _write_checkpoint(self, row: CheckpointRow) -> None:
         c = self._ck
-        self.bytes_written += c["theta"].write(row.index, row.theta)
+        c["theta"].write(row.index, row.theta)
         for name, value in row.state.items():
-            self.bytes_written += c[name].write(row.index, value)
-        self.bytes_written += c["step"].write(row.index, np.array([row.step]))
+            c[name].write(row.index, value)
+        c["step"].write(row.index, np.array([row.step]))
         if row.step not in self.checkpoints:
             self.checkpoints.append(row.step)
             self.checkpoints.sort()
@@ -393,17 +382,16 @@ class StoreWriter:
         if b:
             toks[:b, : row.tokens.shape[1]] = row.tokens
         r, k = self._rows, self._blocks
-        n = r["grad"].write(t, row.grad)
+        r["grad"].write(t, row.grad)
         self._pending_tokens.append((t, toks))  # put in their block at the commit, after the sample ids
         self._pending_bytes += toks.nbytes
         w = np.zeros(self._B, dtype=np.float64)
         w[:b] = row.weights
         lens = np.zeros(self._B, dtype=np.int32)
         lens[:b] = row.lengths
-        n += k["sample_ids"].set(t, ids) + k["weights"].set(t, w) + k["lengths"].set(t, lens)
-        n += k["lr"].set(t, row.lr) + k["loss"].set(t, row.loss) + k["grad_norm"].set(t, row.grad_norm)
-        self.bytes_written += n
-        self.bytes_raw += 4 * self._P
+        for name, value in (("sample_ids", ids), ("weights", w), ("lengths", lens), ("lr", row.lr),
+                            ("loss", row.loss), ("grad_norm", row.grad_norm)):
+            k[name].set(t, value)
         self.committed_steps = t + 1  # (in memory; COMMIT.json follows at the next commit)
         self._dirty = True
         if (time.monotonic() - self._last_commit >= self.commit_interval
@@ -418,17 +406,16 @@ class StoreWriter:
         disk (scrubbing relies on it)."""
         self._write_staged()
         for arr in self._blocks.values():
-            self.bytes_written += arr.flush()
+            arr.flush()
         for t, toks in self._pending_tokens:
-            self.bytes_written += self._tokens.set(t, toks)  # writes a block as it completes
-        self.bytes_written += self._tokens.flush()
+            self._tokens.set(t, toks)  # writes a block as it completes
+        self._tokens.flush()
         self._pending_tokens.clear()
         self._pending_bytes = 0
         fmt.write_json_atomic(self.path / fmt.COMMIT_FILE, {
             "committed_steps": self.committed_steps, "checkpoints": self.checkpoints, "closed": closed})
         self._last_commit = time.monotonic()
         self._dirty = False
-        self.commits += 1
 
     def _write_staged(self) -> None:
         for arr in self._rows.values():

@@ -36,7 +36,6 @@ class RecordStats:
     bytes_on_disk: int
     bytes_raw_grads: int
     grad_bytes_on_disk: int
-    writer_seconds: float
     writer_cpu_seconds: float = 0.0
 
 
@@ -171,7 +170,7 @@ class Recorder:
         return RecordStats(
             steps=committed, bytes_on_disk=store_size_bytes(self.path),
             bytes_raw_grads=committed * int(self.meta["param_count"]) * 4,
-            grad_bytes_on_disk=store_size_bytes(self.path, "steps/grad"), writer_seconds=self.writer.write_seconds,
+            grad_bytes_on_disk=store_size_bytes(self.path, "steps/grad"),
             writer_cpu_seconds=self.writer.cpu_seconds)
 
     def abort(self) -> None:

@@ -39,6 +39,11 @@ class OperatorSettings:
             if not 0 < value <= 1:
                 raise ConfigError(f"{flag} {value} must be in (0, 1]: the share of the step's batch that {what}")
 
+    @property
+    def lanczos_products(self) -> int:
+        """Curvature products per lowrank anchor: Lanczos needs at least rank + 2 to resolve rank pairs."""
+        return max(self.lanczos_iter, self.rank + 2)
+
 
 class CurvatureOperator:
     """Builds v ↦ H_t v for each step; counts the curvature products it computed."""
@@ -96,7 +101,7 @@ class CurvatureOperator:
             return self.manifest.flatten(product(objective, params, self.manifest.views(v)))
 
         ref = next(iter(params.values()))
-        n_iter = max(self.s.lanczos_iter, self.s.rank + 2)
+        n_iter = self.s.lanczos_products
         vals, vecs = top_eigenpairs(flat_ggn, self.manifest.size, self.s.rank, n_iter, seed=self.s.seed + t,
                                     dtype=ref.dtype, device=ref.device)  # (r,), (r, P)
         self.products += n_iter

@@ -75,17 +75,17 @@ def plan(store: TrajectoryStore, forget: ForgetSet, options: UnlearnOptions) -> 
     first, last = min(affected), max(affected)
     stop = min(tau, last + (tau if options.K is None else options.K) + 1)
     prop = options.propagation
-    span = sweep_steps(sorted(affected), tau, options) if options.method == "rollback" else stop - first
+    span = last + 1 - first if options.method == "rollback" else stop - first
     grad_s, product_s = _time_one_step(traj, first, prop.operator.hvp if options.method == "lmcleaner" else None)
     products = 0
     if options.method == "lmcleaner":
         op = prop.operator
-        per_anchor = {"lowrank": max(op.lanczos_iter, op.rank + 2), "diag": op.diag_probes}
+        per_anchor = {"lowrank": op.lanczos_products, "diag": op.diag_probes}
         products = span if op.hvp in ("exact", "ggn") else 0
         if op.hvp in per_anchor:
             products = -(-span // op.refresh) * per_anchor[op.hvp]
         if prop.tail == "lowrank" and stop < tau:
-            products += -(-(tau - stop) // prop.tail_operator.refresh) * max(prop.tail_operator.lanczos_iter, prop.tail_operator.rank + 2)
+            products += -(-(tau - stop) // prop.tail_operator.refresh) * prop.tail_operator.lanczos_products
         seconds = products * product_s + len(affected) * grad_s
     elif options.method == "replay":
         seconds = span * grad_s * (1.0 if not options.fraction else 2 * options.fraction + 0.3)
