@@ -14,20 +14,47 @@ Bytes per parameter per step = bytes on disk under STORE/steps/grad / (steps x p
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/record_overhead.py [--steps N] [--rounds 9] [--blosc] [--json]
 
 `--config examples/small.yaml --steps 300` measures the 427k-parameter model of the issue's example config.
+
+`--before` adds the store as it was before format version 2, in the same rounds: `fp32-v1`
+records with no chunk checksums and no fsync (the version-1 pipeline, produced by patching the
+codec lists and fsync for that mode's runs), `fp32-nosync` with checksums but no fsync, so the
+cost of each is a ratio measured side by side. (The shard index keeps its checksum in both: it is
+one 4 KB write per batch of rows, and a version-1 index cannot be written by this code.)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import statistics
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 ROOT = Path(__file__).resolve().parents[1]
 # mode -> (record.precision, record.codec); "none" trains without recording
-RECORDED = {"fp32": ("fp32", "auto"), "bf16": ("bf16", "auto"), "fp32-blosc": ("fp32", "blosc")}
+RECORDED = {"fp32": ("fp32", "auto"), "bf16": ("bf16", "auto"), "fp32-blosc": ("fp32", "blosc"),
+            "fp32-v1": ("fp32", "auto"), "fp32-nosync": ("fp32", "auto")}
+
+
+@contextlib.contextmanager
+def _pipeline(mode: str) -> Iterator[None]:
+    """The store pipeline of a mode: today's, or (--before) without checksums and/or fsync."""
+    from lmclean.store import format as fmt
+
+    with contextlib.ExitStack() as stack:
+        if mode in ("fp32-v1", "fp32-nosync"):
+            stack.enter_context(mock.patch.object(os, "fsync", lambda fd: None))
+            stack.enter_context(mock.patch.object(os, "fdatasync", lambda fd: None))
+        if mode == "fp32-v1":
+            stack.enter_context(mock.patch.object(fmt, "checked", lambda compressors: list(compressors)))
+            stack.enter_context(mock.patch.object(fmt, "INT_CODEC", fmt.INT_CODEC[:-1]))
+            stack.enter_context(mock.patch.object(fmt, "RAW_CODEC", []))
+        yield
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=9, help="rounds of all modes (none, fp32, bf16[, fp32-blosc]), rotating order; medians reported")
     ap.add_argument("--config", type=Path, default=ROOT / "examples" / "tiny.yaml")
     ap.add_argument("--blosc", action="store_true", help="also time fp32 with record.codec=blosc (bit-shuffle)")
+    ap.add_argument("--before", action="store_true",
+                    help="also time fp32 without chunk checksums and fsync (format 1) and without fsync only")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads before training (default: torch's)")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON on stdout")
     args = ap.parse_args(argv)
@@ -53,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps:
         overrides.append(f"train.steps={args.steps}")
     cfg = config_mod.load(args.config, overrides)
-    modes = ("none", "fp32", "bf16", *(["fp32-blosc"] if args.blosc else []))
+    modes = ("none", "fp32", "bf16", *(["fp32-blosc"] if args.blosc else []),
+             *(["fp32-v1", "fp32-nosync"] if args.before else []))
     n = len(modes)
     ms: dict[str, list[float]] = {m: [] for m in modes}
     stats: dict[str, list] = {m: [] for m in modes[1:]}
@@ -67,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     cfg.record.precision, cfg.record.codec = RECORDED[mode]
                     store = Path(tmp) / f"{mode}-{r}.zarr"  # fresh: deleting a store is no part of recording
-                    res = train(cfg, store, save_final=False)
+                    with _pipeline(mode):
+                        res = train(cfg, store, save_final=False)
                     params = res.run.manifest.size
                     stats[mode].append((res.stats, store_size_bytes(store, "steps/grad")))
                 ms[mode].append(1e3 * res.seconds / res.steps)

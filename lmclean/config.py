@@ -185,8 +185,24 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {item!r}: `{part}` is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({_yaml_problem(exc)})") from exc
     return data
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line: what the parser found and where (1-based line and column), and what it was inside."""
+    def at(mark: Any) -> str:
+        return f"line {mark.line + 1}, column {mark.column + 1}"
+
+    mark, context, context_mark = (getattr(exc, n, None) for n in ("problem_mark", "context", "context_mark"))
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    text = f"{at(mark)}: {problem}" if mark is not None else problem
+    if context and context_mark is not None and (mark is None or context_mark.line != mark.line):
+        text += f" ({context} at {at(context_mark)})"
+    return text
 
 
 def load(path: Path | None, overrides: list[str] | None = None) -> LmcleanConfig:
@@ -196,10 +212,11 @@ def load(path: Path | None, overrides: list[str] | None = None) -> LmcleanConfig
         if not path.exists():
             raise InputNotFoundError(f"config file {path} does not exist; pass an existing YAML file")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from exc
         except yaml.YAMLError as exc:
-            first = str(exc).splitlines()[0]
-            raise ConfigError(f"config file {path} is not valid YAML: {first}") from exc
+            raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(exc)}") from exc
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping of keys, got {type(data).__name__}")
     if not overrides:

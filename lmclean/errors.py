@@ -30,6 +30,10 @@ class StoreExistsError(StoreError, FileExistsError):
     """A store already exists where a new one would be created."""
 
 
+class OutputExistsError(LmcleanError, FileExistsError):
+    """An output path would overwrite a user's file, a store, or a directory without --overwrite."""
+
+
 class StoreVersionError(StoreError):
     """The store was written by an incompatible format version."""
 
@@ -42,6 +46,10 @@ class ModelMismatchError(LmcleanError, ValueError):
     """A model does not match the store's parameter manifest."""
 
 
+class ModelWriteError(LmcleanError, OSError):
+    """A model directory could not be written (disk full, permissions); nothing was put in place."""
+
+
 class UnsupportedError(LmcleanError, NotImplementedError):
     """A valid request that this version does not support yet."""
 
@@ -52,3 +60,7 @@ class DivergenceError(LmcleanError, ArithmeticError):
 
 class AuditError(LmcleanError, RuntimeError):
     """The audit log is broken, tampered with, or does not match a model."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with what is true of the store afterwards (the CLI prints it and exits 130)."""

@@ -28,6 +28,7 @@ from lmclean.audit import (
     model_digest,
     read_lock,
 )
+from lmclean.audit.log import key_fingerprint
 from lmclean.errors import AuditError, DataError, InputNotFoundError, StoreLockedError
 
 KEY = "s3cret-key"
@@ -210,10 +211,15 @@ def test_unsigned_record_fails_when_key_set(
     monkeypatch.setenv(KEY_ENV, KEY)
     log = make_log(tmp_path, 3)
     monkeypatch.delenv(KEY_ENV)
-    log.append({"kind": "unlearn"})
-    assert log.verify().ok  # no key: nothing to hold against an unsigned record
-    res = log.verify(KEY)
-    assert (res.ok, res.first_bad_seq, res.problem) == (False, 3, "record 3 is unsigned")
+    with pytest.raises(AuditError, match="signed since key enrolment at record 0; set LMCLEAN_AUDIT_KEY"):
+        log.append({"kind": "unlearn"})
+    recs = log.records()  # an unsigned record chained on by hand: caught with or without the key
+    write_lines(log, lines(log) + rechain([*recs, {"kind": "unlearn", "signed": False, "hmac": None}])[3:])
+    problem = ("record 3 is unsigned, but a key was enrolled at record 0: every record from the "
+               "enrolment on must be signed")
+    for key in (None, KEY):
+        res = log.verify(key, use_env=False)
+        assert (res.ok, res.first_bad_seq, res.problem) == (False, 3, problem)
 
 
 def test_stripped_signature_detected_without_key(
@@ -242,6 +248,107 @@ def test_full_rewrite_only_caught_with_key(tmp_path: Path, monkeypatch: pytest.M
     assert log.verify().ok
     res = log.verify(KEY)
     assert not res.ok and res.first_bad_seq == 2 and "HMAC mismatch" in res.problem
+
+
+# -- writers verify first; key enrolment -------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "tamper", "bad", "problem"), TAMPER_CASES, ids=[c[0] for c in TAMPER_CASES])
+def test_append_refuses_a_broken_chain(
+    tmp_path: Path, name: str, tamper: Callable[[list[str]], list[str]], bad: int, problem: str
+) -> None:
+    log = make_log(tmp_path)
+    write_lines(log, tamper(lines(log)))
+    before = log.path.read_bytes()
+    expected = (f"audit log {log.path}: {problem}; refusing to append to a broken chain "
+                f"(run `lmclean audit verify {tmp_path}`)")
+    for call in (lambda: log.append({"kind": "unlearn"}), log.require_intact):
+        with pytest.raises(AuditError) as ei:
+            call()
+        assert str(ei.value) == expected
+    assert log.path.read_bytes() == before
+
+
+def test_append_with_a_key_checks_the_signatures(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(KEY_ENV, KEY)
+    log = make_log(tmp_path, 3)
+    recs = log.records()
+    recs[2]["forget_ids"] = [7]
+    write_lines(log, rechain(recs))  # a consistent chain without the key: only the HMAC shows it
+    with pytest.raises(AuditError, match=r"record 2: HMAC mismatch .*run `lmclean audit verify"):
+        log.append({"kind": "unlearn"})
+
+
+def test_key_set_on_an_empty_log_enrols_with_record_0(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(KEY_ENV, KEY)
+    log = make_log(tmp_path, 2)
+    first, second = log.records()
+    assert first["key_fingerprint"] == key_fingerprint(KEY.encode()) and "key_fingerprint" not in second
+    assert KEY not in log.path.read_text()
+    res = log.verify()
+    assert res.ok and res.enrolled_at == 0 and res.current_key_at == 0 and res.note is None
+
+
+def test_key_set_after_recording_needs_enrolment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    log = make_log(tmp_path, 2)
+    monkeypatch.setenv(KEY_ENV, KEY)
+    res = log.verify()
+    assert (res.ok, res.first_bad_seq) == (False, 0)
+    assert res.problem == ("record 0 is unsigned and no key is enrolled in this log: run "
+                           f"`lmclean audit enroll {tmp_path}` to start signing with {KEY_ENV}")
+    with pytest.raises(AuditError, match=r"has 2 records but no key enrolment, .*run `lmclean audit enroll "):
+        log.append({"kind": "unlearn"})
+    rec, created = log.enroll()
+    assert created and rec["seq"] == 2 and rec["kind"] == "key-enrolled" and rec["signed"] is True
+    assert rec["key_fingerprint"] == key_fingerprint(KEY.encode()) and rec["previous_key_fingerprint"] is None
+    log.append({"kind": "unlearn"})
+    res = log.verify()
+    assert res.ok and res.enrolled_at == 2 and res.signatures_checked
+    assert res.note == "records 0..1 precede key enrolment at record 2 and are covered by the hash chain only"
+    assert log.enroll() == (rec, False)  # the same key again: nothing to do
+    monkeypatch.delenv(KEY_ENV)
+    with pytest.raises(AuditError, match="signed since key enrolment at record 2; set LMCLEAN_AUDIT_KEY"):
+        log.append({"kind": "unlearn"})
+    with pytest.raises(AuditError, match="set LMCLEAN_AUDIT_KEY to the key to enrol"):
+        log.enroll()
+
+
+def test_enrolment_anchors_the_unsigned_prefix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    log = make_log(tmp_path, 2)
+    monkeypatch.setenv(KEY_ENV, KEY)
+    log.enroll()
+    recs = log.records()
+    recs[0]["forget_ids"] = []
+    write_lines(log, rechain(recs))  # prefix edited and the whole chain recomputed, old hmac kept
+    res = log.verify()
+    assert (res.ok, res.first_bad_seq) == (False, 2) and "HMAC mismatch" in res.problem
+
+
+def test_another_key_needs_rotate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(KEY_ENV, KEY)
+    log = make_log(tmp_path, 2)
+    monkeypatch.setenv(KEY_ENV, "new-key")
+    with pytest.raises(AuditError, match=r"already has a key enrolled at record 0 \(fingerprint [0-9a-f]{12}…\) "
+                                         r"and LMCLEAN_AUDIT_KEY is another key .*pass --rotate"):
+        log.enroll()
+    with pytest.raises(AuditError, match="record 0: HMAC mismatch"):
+        log.append({"kind": "unlearn"})
+    rec, created = log.enroll(rotate=True)
+    assert created and rec["seq"] == 2 and rec["previous_key_fingerprint"] == key_fingerprint(KEY.encode())
+    log.append({"kind": "unlearn"})
+    res = log.verify()
+    assert res.ok and (res.enrolled_at, res.current_key_at) == (0, 2)
+    assert res.note == "records 0..1 were signed with an earlier key (rotated at record 2); covered by the hash chain only"
+    res = log.verify(KEY)
+    assert (res.ok, res.first_bad_seq) == (False, 2) and "HMAC mismatch" in res.problem
+
+
+def test_forged_enrolment_and_unsigned_tail_fail_without_key(tmp_path: Path) -> None:
+    log = make_log(tmp_path, 2)
+    recs = log.records()
+    write_lines(log, rechain([*recs, {"kind": "key-enrolled", "signed": False, "hmac": None}]))
+    res = log.verify()
+    assert (res.ok, res.first_bad_seq, res.problem) == (False, 2, "record 2 enrols a key but is unsigned (forged)")
 
 
 # -- atomic append, queries ---------------------------------------------------------------------

@@ -23,7 +23,7 @@ from lmclean.audit import (
     v_norm_summary,
 )
 from lmclean.cli.main import app
-from lmclean.errors import DataError
+from lmclean.errors import AuditError, DataError
 from lmclean.store.reader import TrajectoryStore
 from lmclean.train.trainer import train
 
@@ -117,8 +117,9 @@ def test_show_table_detail_and_json(audited) -> None:
     store, _, rec = audited
     res = invoke("audit", "show", store)
     assert res.exit_code == 0, res.output
-    assert "unlearn" in res.stdout and "r-1" in res.stdout and rec["output_model_digest"][:12] in res.stdout
-    assert "lmcleaner" in res.stdout and "0.25" in res.stdout
+    assert "unlearn" in res.stdout and "r-1" in res.stdout and "current model:" in res.stdout
+    wide = invoke("audit", "show", store, "--wide").stdout
+    assert rec["output_model_digest"][:12] in wide and "lmcleaner" in wide and "0.25" in wide
     assert "chain intact: 2 records" in res.stderr
 
     res = invoke("audit", "show", store, "--id", "1")
@@ -159,7 +160,8 @@ def test_verify_happy_path_with_models(audited) -> None:
     assert "output of record 1 (unlearn, request r-1)" in res.stdout and "lineage 0 -> 1" in res.stdout
 
     res = invoke("audit", "verify", store, "--model", store / "model")
-    assert res.exit_code == 0 and "output of record 0 (record)" in res.stdout
+    # the recorded model no longer includes every request: verify names the one it lacks
+    assert res.exit_code == 1 and "does not include the later unlearning request r-1" in res.stderr
 
     log_only = store.parent / "kept_log"  # the store deleted, its log kept: the model still verifies
     log_only.mkdir()
@@ -207,7 +209,7 @@ def test_verify_wrong_model_dir(audited, tmp_path: Path) -> None:
     assert res.exit_code == 1
     line = " ".join(res.stderr.split())  # one message (Rich may wrap it at the terminal width)
     assert line.startswith("error: model ") and line.count("error:") == 1
-    assert "which no record in the audit log" in line and "latest record that wrote a model is record 1" in line
+    assert "which no record in the audit log" in line and "the store's current model is" in line
 
 
 def test_verify_broken_lineage_and_unscrubbed_samples(audited, tmp_path: Path) -> None:
@@ -217,7 +219,7 @@ def test_verify_broken_lineage_and_unscrubbed_samples(audited, tmp_path: Path) -
     add_unlearn(store, out2, "r-2", [101], stray, keep_data=True)
     res = invoke("audit", "verify", store, "--model", out2)
     assert res.exit_code == 1
-    assert "record 2 (unlearn): model_digest_before" in res.stderr and "not in the log" in res.stderr
+    assert "audit record 2 (request r-2) started from weights" in res.stderr and "one lineage" in res.stderr
 
     out3 = perturbed_copy(out, tmp_path / "third", delta=0.0625)
     add_unlearn(store, out3, "r-3", [102], out, keep_data=False)  # says scrubbed, never scrubbed
@@ -240,6 +242,60 @@ def test_verify_with_the_key(recorded, tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.delenv(KEY_ENV)
     res = invoke("audit", "verify", store)
     assert res.exit_code == 0 and "1 of 1 records are signed; signatures not checked" in res.stderr
+
+
+def test_unlearn_refuses_a_forged_record_before_any_work(recorded, tmp_path: Path) -> None:
+    """The attack: a hand-written record asks to scrub sample 101; unlearn must not act on it or sign over it."""
+    src, cfg = recorded
+    store = Path(shutil.copytree(src, tmp_path / "forged.zarr"))
+    first = AuditLog(store).records()[0]
+    forged = {"kind": "unlearn", "request_id": "r-forged", "forget_ids": [101], "keep_data": False, "seq": 1,
+              "time": first["time"], "prev": first["digest"], "signed": False, "digest": "0" * 64, "hmac": None}
+    with (store / "audit.jsonl").open("a") as f:
+        f.write(json.dumps(forged) + "\n")
+    log_before = (store / "audit.jsonl").read_bytes()
+    tokens_before = {p: p.read_bytes() for p in (store / "steps").rglob("*") if p.is_file()}
+    res = invoke("unlearn", store, "--forget", "105", "--method", "rollback", "--out", tmp_path / "out")
+    assert res.exit_code == 1, res.output
+    assert res.stderr.strip() == (f"error: audit log {store / 'audit.jsonl'}: record 1: digest mismatch (content edited); "
+                                  f"refusing to append to a broken chain (run `lmclean audit verify {store}`)")
+    assert "Traceback" not in res.output
+    assert (store / "audit.jsonl").read_bytes() == log_before
+    assert {p: p.read_bytes() for p in (store / "steps").rglob("*") if p.is_file()} == tokens_before  # nothing scrubbed
+    assert not (store / "samples" / "tombstone").exists()
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+    with pytest.raises(AuditError, match="record 1: digest mismatch"):  # `record --resume` refuses it as well
+        train(cfg, store, resume=True)
+    assert (store / "audit.jsonl").read_bytes() == log_before and not (store / "samples" / "tombstone").exists()
+
+
+def test_enroll_a_key_set_after_recording(recorded, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src, cfg = recorded
+    store = Path(shutil.copytree(src, tmp_path / "late.zarr"))  # record 0 written without a key
+    monkeypatch.setenv(KEY_ENV, "k1")
+    res = invoke("audit", "verify", store)
+    assert res.stderr.strip() == (f"error: audit log {store / 'audit.jsonl'}: record 0 is unsigned and no key is enrolled "
+                                  f"in this log: run `lmclean audit enroll {store}` to start signing with {KEY_ENV}")
+    with pytest.raises(AuditError, match=f"run `lmclean audit enroll {store}` first"):
+        record_event(store, "resume", cfg, 12, store / "model", 1.0)
+    res = invoke("audit", "enroll", store)
+    assert res.exit_code == 0, res.output
+    assert res.stdout.startswith("enrolled key ") and "at record 1" in res.stdout and "k1" not in (store / "audit.jsonl").read_text()
+    res = invoke("audit", "enroll", store)
+    assert res.exit_code == 0 and res.stdout.startswith("already enrolled")
+    record_event(store, "resume", cfg, 12, store / "model", 1.0)  # now signed
+    res = invoke("audit", "verify", store, "--model", store / "model")
+    assert res.exit_code == 0 and "signatures checked" in res.stdout
+    assert "record 0 precedes key enrolment at record 1 and is covered by the hash chain only" in res.stderr
+    monkeypatch.setenv(KEY_ENV, "k2")
+    res = invoke("audit", "enroll", store)
+    assert res.exit_code == 1 and len(res.stderr.strip().splitlines()) == 1 and "pass --rotate" in res.stderr
+    res = invoke("audit", "enroll", store, "--rotate", "--json")
+    assert res.exit_code == 0 and json.loads(res.stdout)["record"]["seq"] == 3
+    assert invoke("audit", "verify", store).exit_code == 0
+    monkeypatch.delenv(KEY_ENV)
+    res = invoke("audit", "enroll", store)
+    assert res.stderr.strip() == f"error: set {KEY_ENV} to the key to enrol in the audit log of {store}"
 
 
 def test_missing_store_is_one_line(tmp_path: Path) -> None:

@@ -80,6 +80,24 @@ def test_bad_files(tmp_path: Path) -> None:
         config_mod.load(scalar)
 
 
+def test_yaml_errors_give_line_and_column(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("seed: 0\ndata:\n  path: x.jsonl\n    max_length: 3\n")
+    with pytest.raises(ConfigError) as info:
+        config_mod.load(bad)
+    assert str(info.value) == f"config file {bad} is not valid YAML: line 4, column 15: mapping values are not allowed here"
+    tab = tmp_path / "tab.yaml"
+    tab.write_text("train:\n\tlr: 0.1\n")
+    with pytest.raises(ConfigError, match="tab.yaml is not valid YAML: line 2, column 1: found character"):
+        config_mod.load(tab)
+    with pytest.raises(ConfigError, match=r"--set 'train.betas=\[0.9': the value is not valid YAML \(line 1, column 5: "):
+        config_mod.load(None, ["train.betas=[0.9"])
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes(b"seed: 0 # caf\xe9\n")
+    with pytest.raises(ConfigError, match=f"config file {latin} is not UTF-8 text"):
+        config_mod.load(latin)
+
+
 def test_round_trip_through_dict_and_diff_output() -> None:
     a = config_mod.load(None, ["train.lr=0.1"])
     assert config_mod.from_dict(config_mod.to_dict(a)) == a

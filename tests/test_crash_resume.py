@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 
 from lmclean import config as config_mod
 from lmclean.cli.main import app
+from lmclean.store.check import check_store
 from lmclean.store.reader import TrajectoryStore
 from lmclean.train.trainer import train
 
@@ -95,6 +96,9 @@ def test_sigkill_mid_record_leaves_a_store_that_resume_completes_bitwise(tmp_pat
     assert s.checkpoint_steps == list(range(0, committed + 1, 20))[: len(s.checkpoint_steps)] and len(s.checkpoint_steps) >= 2
     s.step(committed - 1)
     s.theta_at(committed)  # θ at the last committed step is rebuildable
+    report = check_store(store)  # every chunk on disk, rows past the commit included, passes its checksum
+    assert report.ok, report.problems
+    assert report.checkpoints_matched == s.checkpoint_steps[1:]
     runner = CliRunner()
     info = json.loads(runner.invoke(app, ["inspect-log", str(store), "--json"]).stdout)
     assert info["steps"]["committed"] == committed < info["steps"]["planned"] == STEPS and not info["steps"]["closed"]
@@ -106,7 +110,7 @@ def test_sigkill_mid_record_leaves_a_store_that_resume_completes_bitwise(tmp_pat
         reference = train(config_mod.load(cfg), tmp_path / "reference.zarr")
 
     done = TrajectoryStore(store)
-    assert done.closed and done.committed_steps == STEPS
+    assert done.closed and done.committed_steps == STEPS and check_store(store, replay=False).ok
     assert torch.equal(_final_theta(store), _final_theta(reference.store))
     for t in (0, committed - 1, committed, STEPS - 1):  # rows before and after the crash point
         assert torch.equal(done.grad(t), TrajectoryStore(reference.store).grad(t))

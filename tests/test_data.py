@@ -88,6 +88,76 @@ def test_id_spec_parsing(tmp_path: Path) -> None:
         parse_id_spec(f"@{tmp_path / 'none.txt'}")
 
 
+def test_non_utf8_row_names_file_line_and_byte(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(json.dumps({"id": 1, "question": "q", "answer": "a"}).encode() + b'\n{"id": 2, "question": "\xff"}\n')
+    with pytest.raises(DataError) as info:
+        load_dataset(DataConfig(path=str(path)), TOK)
+    assert str(info.value) == f"{path}:2: not UTF-8 (byte 0xff at column 24); save the file as UTF-8"
+
+
+def test_eval_and_tofu_read_jsonl_with_the_same_reader(tmp_path: Path) -> None:
+    from lmclean.eval import report, tofu
+
+    path = tmp_path / "full.jsonl"
+    path.write_bytes(b'{"question": "q", "answer": "\xe9"}\n')
+    with pytest.raises(DataError, match=rf"^{path}:1: not UTF-8"):
+        tofu._read_jsonl(path)
+    with pytest.raises(DataError, match=rf"^{path}:1: not UTF-8"):
+        report.read_samples(path, "Q: {question}\nA: {answer}", "id", need_ids=False)
+    with pytest.raises(InputNotFoundError, match="TOFU file .* does not exist; the TOFU folder must hold all its split files"):
+        tofu._read_jsonl(tmp_path / "forget01.jsonl")
+
+
+def test_ids_beyond_int64_are_refused(tmp_path: Path) -> None:
+    huge = _write(tmp_path / "h.jsonl", [json.dumps({"id": 2**70, "question": "q", "answer": "a"})])
+    with pytest.raises(DataError, match=rf"{huge}:1: id {2**70} is too large; sample ids are stored as int64"):
+        load_dataset(DataConfig(path=str(huge)), TOK)
+    assert parse_id_spec(str(2**63 - 1)) == [2**63 - 1]
+    for spec in [str(2**70), f"3,0-{2**70}", str(2**63)]:
+        with pytest.raises(DataError, match="is too large; sample ids are int64"):
+            parse_id_spec(spec)
+    with pytest.raises(DataError, match=r"'0-999999999999' names more than 1,000,000 ids; split the request"):
+        parse_id_spec("0-999999999999")  # refused at once, not after filling memory
+    bad = tmp_path / "ids.txt"
+    bad.write_bytes(b"1\n\xff\n")
+    with pytest.raises(DataError, match=f"id file {bad} is not UTF-8"):
+        parse_id_spec(f"@{bad}")
+
+
+def test_samples_longer_than_max_length_are_counted(data_file: Path) -> None:
+    full = load_dataset(DataConfig(path=str(data_file), max_length=1000), TOK)
+    lengths = [len(s.token_ids) for s in full.samples]
+    cut = sorted(lengths)[len(lengths) // 2]
+    ds = load_dataset(DataConfig(path=str(data_file), max_length=cut), TOK)
+    assert full.truncated == 0 and ds.truncated == sum(n > cut for n in lengths) > 0
+    assert all(len(s.token_ids) == min(n, cut) for s, n in zip(ds.samples, lengths))
+
+
+@pytest.mark.parametrize("error", ["safetensors", "oserror"])
+def test_save_model_maps_a_full_disk_to_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: str) -> None:
+    from safetensors import SafetensorError
+    from transformers import modeling_utils
+
+    from lmclean.errors import ModelWriteError
+    from lmclean.train.model import fresh_model, save_model
+
+    def full(*args: object, **kwargs: object) -> None:
+        if error == "oserror":
+            raise OSError(28, "No space left on device")
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
+
+    monkeypatch.setattr(modeling_utils, "safe_save_file", full)
+    model = fresh_model({"model_type": "llama", "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
+                         "num_attention_heads": 2}, 260, 16, 0)
+    with pytest.raises(ModelWriteError) as info:
+        save_model(model, TOK, tmp_path / "out")
+    message = str(info.value)
+    assert message.startswith(f"could not write the model to {tmp_path / 'out'}: ") and "\n" not in message
+    assert ("StorageFull" if error == "safetensors" else "No space left on device") in message
+    assert list(tmp_path.iterdir()) == []  # no model, no temp directory
+
+
 def test_batch_plan_is_deterministic_and_covers_each_epoch() -> None:
     ids = list(range(100, 123))  # 23 samples: the last batch of each epoch is short
     plan = batch_plan(ids, 4, seed=3, epochs=2, steps=None, shuffle=True)

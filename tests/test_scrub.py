@@ -233,15 +233,26 @@ def test_double_unlearn_is_refused_naming_the_record(store: Path) -> None:
     check_not_tombstoned(store, [live])
 
 
-def test_damaged_chunks_are_reported_precisely(store: Path) -> None:
+@pytest.mark.parametrize("damage", ["replaced", "one-byte-flip"])
+@pytest.mark.parametrize("array", ["steps/tokens", "steps/sample_ids"])
+def test_damaged_chunks_are_reported_precisely_before_anything_is_rewritten(store: Path, array: str,
+                                                                             damage: str) -> None:
+    """A damaged sample-ids chunk would scrub the wrong samples, a damaged tokens chunk would be
+    re-encoded under a fresh checksum: both are refused, naming array and step, with no file changed."""
     forget = forget_pair(store)
     ids = np.asarray(zarr.open_array(str(store / "steps/sample_ids"), mode="r")[:])
     t = int(np.nonzero(np.isin(ids, forget).any(axis=1))[0][0])
-    rows, T = token_rows(store), ids.shape[0]
-    lo, hi = t // rows * rows, min(t // rows * rows + rows, T) - 1
-    (store / f"steps/tokens/c.{t // rows}.0.0").write_bytes(b"not zstd")
-    with pytest.raises(StoreError, match=rf"array steps/tokens chunk holding steps {lo}\.\.{hi} is corrupted"):
+    arr = zarr.open_array(str(store / array), mode="r")
+    rows = int(arr.metadata.chunk_grid.chunk_shape[0])
+    chunk = store / array / arr.metadata.encode_chunk_key((t // rows,) + (0,) * (arr.ndim - 1))
+    data = chunk.read_bytes()
+    chunk.write_bytes(b"not zstd" if damage == "replaced" else
+                      data[: len(data) // 2] + bytes([data[len(data) // 2] ^ 1]) + data[len(data) // 2 + 1:])
+    before = file_hashes(store)
+    with pytest.raises(StoreError, match=rf"array {array} at step {t // rows * rows} fails its checksum; the store "
+                                         r"is damaged: run `lmclean check"):
         scrub_samples(store, forget, audit_seq=0)
+    assert file_hashes(store) == before
 
 
 def test_missing_tombstone_chunk_is_not_read_as_live(store: Path) -> None:
@@ -282,7 +293,7 @@ def test_killed_process_leaves_a_completable_store(store: Path, tmp_path: Path, 
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 9, proc.stderr
     assert pending_scrub(store) is not None and tombstones(store) == {}
-    assert list(store.rglob("*.lmclean-scrub.partial"))  # the dead process's temp file
+    assert list(store.rglob(".*.partial"))  # the dead process's temp file
     finish_pending_scrub(store)
     assert not list(store.rglob("*.partial"))
     assert file_hashes(store) == file_hashes(clean)

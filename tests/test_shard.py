@@ -11,6 +11,7 @@ import zarr
 
 from lmclean.errors import StoreError
 from lmclean.store import format as fmt
+from lmclean.store.codec import crc32c
 from lmclean.store.shard import EMPTY, ENTRY, ShardRowArray, data_start, read_row
 
 P, T = 3000, 10
@@ -48,6 +49,7 @@ def test_rows_appended_in_place_read_back_through_zarr(tmp_path: Path, direct: b
     first = (tmp_path / "grad" / "c.0.0").read_bytes()
     offsets = np.frombuffer(first[: 4 * ENTRY.size], dtype="<u8").reshape(4, 2)[:, 0]
     assert offsets[0] == data_start(4) and (offsets % fmt.SHARD_ALIGN == 0).all()  # O_DIRECT-ready layout
+    assert first[4 * ENTRY.size: 4 * ENTRY.size + 4] == crc32c(first[: 4 * ENTRY.size])  # the index's checksum
 
 
 @pytest.mark.parametrize("direct", [True, False], ids=["O_DIRECT", "page-cache"])
@@ -88,9 +90,10 @@ def test_resume_inside_a_shard_keeps_earlier_rows_and_forgets_later_ones(tmp_pat
     got = zarr.open_array(str(tmp_path / "grad"), mode="r")[:]
     assert np.array_equal(got[:5], g[:5]) and np.array_equal(got[5:7], h[5:7])
     # the shard was cut back to its kept rows before the new ones went in: no stale bytes kept
-    entries = np.frombuffer((tmp_path / "grad" / "c.1.0").read_bytes()[: 4 * ENTRY.size], dtype="<u8").reshape(4, 2)
+    raw = (tmp_path / "grad" / "c.1.0").read_bytes()
+    entries = np.frombuffer(raw[: 4 * ENTRY.size], dtype="<u8").reshape(4, 2)
     assert (tmp_path / "grad" / "c.1.0").stat().st_size <= int(entries[2].sum()) + fmt.SHARD_ALIGN
-    assert (entries[3] == EMPTY).all()
+    assert (entries[3] == EMPTY).all() and raw[4 * ENTRY.size: 4 * ENTRY.size + 4] == crc32c(raw[: 4 * ENTRY.size])
 
 
 def test_resume_inside_a_damaged_shard_is_an_error(tmp_path: Path) -> None:
@@ -101,6 +104,10 @@ def test_resume_inside_a_damaged_shard_is_an_error(tmp_path: Path) -> None:
     again = ShardRowArray(tmp_path, zarr.open_group(str(tmp_path), mode="r")["grad"])
     with pytest.raises(StoreError, match=r"shard c\.0\.0 lacks rows before step 2"):
         again.write(2, _rows()[2])
+    with (tmp_path / "grad" / "c.0.0").open("r+b") as f:  # a torn index: resume must not trust it
+        f.write(b"\0" * 8)
+    with pytest.raises(StoreError, match=r"the index of shard grad/c\.0\.0 fails its checksum"):
+        ShardRowArray(tmp_path, zarr.open_group(str(tmp_path), mode="r")["grad"]).write(1, _rows()[1])
     with pytest.raises(StoreError, match=r"shard c\.1\.0 holding step 4 is missing"):
         ShardRowArray(tmp_path, zarr.open_group(str(tmp_path), mode="r")["grad"]).write(5, _rows()[5])
 
@@ -111,18 +118,26 @@ def test_read_row_tells_absent_from_truncated(tmp_path: Path) -> None:
     writer.write_staged()
     writer.close()
     shard = tmp_path / "grad" / "c.0.0"
-    assert read_row(shard, 0) is not None and read_row(shard, 1) is None
-    assert read_row(tmp_path / "grad" / "c.1.0", 0) is None
+    assert read_row(shard, 0, 4) is not None and read_row(shard, 1, 4) is None
+    assert read_row(tmp_path / "grad" / "c.1.0", 0, 4) is None
     os.truncate(shard, data_start(4) + 10)
     with pytest.raises(StoreError, match="truncated: row 0"):
-        read_row(shard, 0)
+        read_row(shard, 0, 4)
+    os.truncate(shard, 20)
+    with pytest.raises(StoreError, match="truncated inside its index"):
+        read_row(shard, 0, 4)
 
 
 def test_zarr_metadata_other_than_lmclean_shards_is_refused(tmp_path: Path) -> None:
     root = zarr.open_group(str(tmp_path), mode="w", zarr_format=3)
     end_index = root.create_array("g", shape=(T, P), chunks=(1, P), shards=(4, P), dtype="float32")  # index at the end
-    with pytest.raises(StoreError, match="one-row chunks with a plain index at the start"):
+    with pytest.raises(StoreError, match="one-row chunks with a checksummed index at the start"):
         fmt.shard_rows(end_index)
+    unchecked = root.create_array("u", shape=(T, P), chunks=(4, P), dtype="float32", compressors=None,
+                                  serializer=zarr.codecs.ShardingCodec(chunk_shape=(1, P), index_location="start",
+                                                                       index_codecs=[zarr.codecs.BytesCodec()]))
+    with pytest.raises(StoreError, match="checksummed index"):  # format version 1's index: no checksum
+        fmt.shard_rows(unchecked)
     plain = root.create_array("h", shape=(T, P), chunks=(1, P), dtype="float32")
     assert fmt.shard_rows(plain) is None
 

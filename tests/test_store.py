@@ -17,7 +17,7 @@ from lmclean.errors import InputNotFoundError, StoreError, StoreVersionError
 from lmclean.objective import CausalLMObjective, loss_of
 from lmclean.store import format as fmt
 from lmclean.store.reader import TrajectoryStore
-from lmclean.store.shard import ENTRY
+from lmclean.store.shard import ENTRY, EMPTY
 from lmclean.store.summary import summarize
 from lmclean.store.writer import store_size_bytes
 from lmclean.train.model import model_from_config_dict
@@ -66,11 +66,17 @@ def _shard_entry(store: Path, array: str, row: int) -> tuple[Path, int]:
 
 
 def _drop_row(store: Path, array: str, row: int) -> None:
-    """Lose one row of a sharded array: blank its shard index entry."""
+    """Lose one row of a sharded array as if it was never written: blank its shard index entry and
+    re-seal the index (a valid index that references no row)."""
+    from lmclean.store.shard import encode_index
+
     path, pos = _shard_entry(store, array, row)
+    rows = fmt.shard_rows(zarr.open_array(str(store / array), mode="r"))
     with path.open("r+b") as f:
-        f.seek(pos)
-        f.write(b"\xff" * ENTRY.size)
+        entries = np.frombuffer(f.read(ENTRY.size * rows), dtype="<u8").reshape(rows, 2).copy()
+        entries[pos // ENTRY.size] = EMPTY
+        f.seek(0)
+        f.write(encode_index(entries))
 
 
 def _shard_row_extent(store: Path, array: str, row: int) -> tuple[int, int]:
@@ -190,7 +196,7 @@ def test_corrupted_chunk_is_an_error(runs: dict[str, TrainResult], tmp_path: Pat
     with _chunk(path, "steps/grad", 2).open("r+b") as f:
         f.seek(offset)
         f.write(b"not a blosc frame")
-    with pytest.raises(StoreError, match="array steps/grad at step 2 is unreadable"):
+    with pytest.raises(StoreError, match="array steps/grad at step 2 fails its checksum"):
         TrajectoryStore(path).grad(2)
     last = STEPS - 1
     offset, nbytes = _shard_row_extent(path, "steps/grad", last)
@@ -218,19 +224,23 @@ def test_block_rows_read_directly_match_zarr_and_follow_rewrites(runs: dict[str,
     tokens[1] = np.zeros(tokens.shape[1:], dtype=np.int32)  # zarr rewrites the block chunk holding step 1
     assert before.any() and not store.step(1).tokens.any()
     _chunk(path, "steps/sample_ids", 0).write_bytes(b"\x28\xb5\x2f\xfd")  # a zstd magic number, nothing after
-    with pytest.raises(StoreError, match="array steps/sample_ids at step 0 is unreadable"):
+    with pytest.raises(StoreError, match="array steps/sample_ids at step 0 fails its checksum"):
         TrajectoryStore(path).step(0)
 
 
-def test_other_format_version_is_refused(runs: dict[str, TrainResult], tmp_path: Path) -> None:
+@pytest.mark.parametrize("version", [1, 3])
+def test_other_format_version_is_refused(runs: dict[str, TrainResult], tmp_path: Path, version: int) -> None:
+    """Version 1 (no checksums) is not read: its stores are re-recorded, there is no second code path."""
     path = _copy(runs["sgd"], tmp_path)
     group = zarr.open_group(str(path), mode="r+")
     meta = dict(group.attrs["lmclean"])
-    meta["format_version"] = 2
+    meta["format_version"] = version
     group.attrs["lmclean"] = meta
     with pytest.raises(StoreVersionError) as info:
         TrajectoryStore(path)
-    assert "format version 2" in str(info.value) and "reads version 1" in str(info.value) and "\n" not in str(info.value)
+    msg = str(info.value)
+    assert f"format version {version}" in msg and "reads version 2" in msg and "re-record it" in msg and "\n" not in msg
+    assert ("written before chunk checksums" in msg) == (version == 1)
 
 
 def test_not_a_store_is_a_one_line_error(tmp_path: Path) -> None:
@@ -286,7 +296,7 @@ def test_layout_is_the_documented_format(runs: dict[str, TrainResult]) -> None:
         "steps/sample_ids": ((T, B), "int64", (R, B), ".", -2, "zstd"),
         "steps/weights": ((T, B), "float64", (R, B), ".", "nan", "zstd"),
         "steps/lengths": ((T, B), "int32", (R, B), ".", -2, "zstd"),
-        "checkpoints/step": ((K,), "int64", (1,), ".", -2, None),
+        "checkpoints/step": ((K,), "int64", (1,), ".", -2, None),  # None: no compressor, the checksum only
         "checkpoints/theta": ((K, P), "float32", (1, P), ".", "nan", "blosc"),
         "checkpoints/momentum_buffer": ((K, P), "float32", (1, P), ".", "nan", "blosc"),
         "samples/id": ((24,), "int64", (24,), "/", None, "zstd"),
@@ -300,13 +310,14 @@ def test_layout_is_the_documented_format(runs: dict[str, TrainResult]) -> None:
         if fill is not None:
             assert str(meta["fill_value"]).lower() == str(fill), name
         names = [c["name"] for c in meta["codecs"]]
-        assert names == ([codec] if codec == "sharding_indexed" else ["bytes"] + ([codec] if codec else [])), (name, names)
-    # the gradient: shards of one-row chunks, a plain index at the start; fp32 rows in blosc lz4
-    # without shuffle (record.codec auto), checkpoints likewise
+        assert names == ([codec] if codec == "sharding_indexed" else ["bytes"] + ([codec] if codec else []) + ["crc32c"]), \
+            (name, names)
+    # the gradient: shards of one-row chunks, a checksummed index at the start; fp32 rows in blosc
+    # lz4 without shuffle (record.codec auto) and their checksum, checkpoints likewise
     sharding = json.loads((store.path / "steps/grad/zarr.json").read_text())["codecs"][0]["configuration"]
     assert tuple(sharding["chunk_shape"]) == (1, P) and sharding["index_location"] == "start"
-    assert [c["name"] for c in sharding["index_codecs"]] == ["bytes"]
-    assert [c["name"] for c in sharding["codecs"]] == ["bytes", "blosc"]
+    assert [c["name"] for c in sharding["index_codecs"]] == ["bytes", "crc32c"]
+    assert [c["name"] for c in sharding["codecs"]] == ["bytes", "blosc", "crc32c"]
     theta_codec = json.loads((store.path / "checkpoints/theta/zarr.json").read_text())["codecs"][1]["configuration"]
     for blosc in (sharding["codecs"][1]["configuration"], theta_codec):
         assert (blosc["cname"], blosc["clevel"], blosc["shuffle"], blosc["typesize"]) == ("lz4", 1, "noshuffle", 4)
@@ -320,21 +331,14 @@ def test_layout_is_the_documented_format(runs: dict[str, TrainResult]) -> None:
     assert json.loads((store.path / "COMMIT.json").read_text()) == {"committed_steps": T, "checkpoints": CHECKPOINTS, "closed": True}
 
 
-@pytest.mark.parametrize(("token_rows", "grad_files"), [(1, "shards"), (16, "shards"), (16, "file-per-row")],
-                         ids=["one-step-token-chunks", "16-step-token-chunks", "chunk-file-per-gradient-row"])
-def test_interrupted_record_resumes_to_the_uninterrupted_store(tmp_path: Path, token_rows: int, grad_files: str,
+@pytest.mark.parametrize("token_rows", [1, 16], ids=["one-step-token-chunks", "16-step-token-chunks"])
+def test_interrupted_record_resumes_to_the_uninterrupted_store(tmp_path: Path, token_rows: int,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """Ctrl-C at step 7 (mid token block, mid gradient shard), then `--resume`: the tokens,
-    gradients and final θ equal an uninterrupted run's. With one step per tokens chunk, or a chunk
-    file per gradient row (the layouts of stores written before the 16-step token blocks and the
-    gradient shards) the writer resumes by the array's own metadata."""
-    import zarr.codecs as zc
-
+    gradients and final θ equal an uninterrupted run's, whatever the rows per tokens chunk (the
+    writer takes them from the array's metadata)."""
     cfg = tiny_config(write_rows(tmp_path / "data.jsonl"), **{"record.checkpoint_every": 4})
     monkeypatch.setattr(fmt, "TOKEN_ROWS", token_rows)
-    if grad_files == "file-per-row":  # the earlier layout: chunks of one row, no sharding
-        monkeypatch.setattr(fmt, "grad_shard_rows", lambda P, itemsize, T: 1)
-        monkeypatch.setattr(fmt, "grad_serializer", lambda precision, codec, P: zc.BytesCodec())
     whole = train(cfg, tmp_path / "whole.zarr")
 
     def stop_at_7(step: int, total: int, loss: float, lr: float) -> None:
@@ -349,10 +353,119 @@ def test_interrupted_record_resumes_to_the_uninterrupted_store(tmp_path: Path, t
     a, b = TrajectoryStore(tmp_path / "whole.zarr"), TrajectoryStore(tmp_path / "cut.zarr")
     rows = zarr.open_array(str(tmp_path / "cut.zarr" / "steps/tokens"), mode="r").metadata.chunk_grid.chunk_shape[0]
     assert rows == min(token_rows, whole.steps)
-    grad = b.root["steps/grad"]
-    assert (fmt.shard_rows(grad) is None) == (grad_files == "file-per-row")
+    assert fmt.shard_rows(b.root["steps/grad"]) == whole.steps
     assert all(torch.equal(a.grad(t), b.grad(t)) for t in range(whole.steps))
     for name in ("steps/tokens", "steps/sample_ids", "steps/lengths"):
         assert np.array_equal(np.asarray(zarr.open_array(str(a.path / name), mode="r")[:]),
                               np.asarray(zarr.open_array(str(b.path / name), mode="r")[:])), name
     assert torch.equal(a.checkpoint(a.committed_steps)[0], b.checkpoint(b.committed_steps)[0])
+
+
+# -- corruption is detected (issue 10, section 3) ----------------------------------------------
+# Each of these was read silently by format version 1 (no checksums): wrong numbers with exit 0.
+# The helpers use only raw bytes and zarr metadata, so the same test runs against either format.
+
+
+def _flip(path: Path, start: int, n: int) -> None:
+    with path.open("r+b") as f:
+        f.seek(start)
+        data = f.read(n)
+        f.seek(start)
+        f.write(bytes(b ^ 0xFF for b in data))
+
+
+def _checksummed(store: Path, array: str) -> bool:
+    return json.loads((store / array / "zarr.json").read_text())["codecs"][-1]["name"] == "crc32c"
+
+
+def test_flipped_bytes_inside_a_gradient_row_fail_its_checksum(runs: dict[str, TrainResult], tmp_path: Path) -> None:
+    path = _copy(runs["sgd"], tmp_path)
+    offset, nbytes = _shard_row_extent(path, "steps/grad", 7)
+    _flip(_chunk(path, "steps/grad", 7), offset + nbytes // 2, 16)  # inside lz4's literals: still decodes
+    store = TrajectoryStore(path)
+    with pytest.raises(StoreError) as info:
+        store.grad(7)
+    assert str(info.value) == (f"store {path}: array steps/grad at step 7 fails its checksum; the store is damaged: "
+                               f"run `lmclean check {path}`")
+    with pytest.raises(StoreError, match="array steps/grad at step 7 fails its checksum"):
+        store.theta_at(9)  # θ replay from the checkpoint of step 5 reads row 7: it stops there
+    with pytest.raises(ValueError, match="checksum"):  # zarr-python verifies the same checksum
+        zarr.open_array(str(path / "steps/grad"), mode="r")[7]
+    assert torch.equal(store.grad(6), TrajectoryStore(runs["sgd"].store).grad(6))  # the other rows read
+
+
+def test_swapped_shard_index_entries_fail_the_index_checksum(runs: dict[str, TrainResult], tmp_path: Path) -> None:
+    """Both entries still point to whole, valid rows: only the checksum over the index tells."""
+    path = _copy(runs["sgd"], tmp_path)
+    shard, pos2 = _shard_entry(path, "steps/grad", 2)
+    _, pos3 = _shard_entry(path, "steps/grad", 3)
+    with shard.open("r+b") as f:
+        f.seek(pos2)
+        two, three = f.read(ENTRY.size), f.read(ENTRY.size)
+        f.seek(pos2)
+        f.write(three + two)
+    store = TrajectoryStore(path)
+    for t in (2, 3, 9):  # every row of the shard: its index can no longer be trusted
+        with pytest.raises(StoreError, match=rf"array steps/grad at step {t} fails its checksum \(the index of "
+                                             r"shard c\.0\.0, steps 0\.\.11\); the store is damaged: run `lmclean check"):
+            store.grad(t)
+    with pytest.raises(ValueError, match="checksum"):
+        zarr.open_array(str(path / "steps/grad"), mode="r")[2]
+
+
+def test_flipped_bytes_of_the_sample_ids_chunk_fail_its_checksum(runs: dict[str, TrainResult], tmp_path: Path) -> None:
+    """A flip that zstd still decodes (found by trying): without a checksum, other sample ids."""
+    import numcodecs
+
+    path = _copy(runs["sgd"], tmp_path)
+    chunk = _chunk(path, "steps/sample_ids", 0)
+    data = chunk.read_bytes()
+    payload = data[:-4] if _checksummed(path, "steps/sample_ids") else data
+    good = np.frombuffer(numcodecs.Zstd().decode(payload), dtype="<i8")
+    for pos in range(len(payload) - 1, 0, -1):
+        bad = bytearray(payload)
+        bad[pos] ^= 0x01
+        try:
+            ids = np.frombuffer(numcodecs.Zstd().decode(bytes(bad)), dtype="<i8")
+        except Exception:  # noqa: BLE001 - this flip zstd notices; look for one it does not
+            continue
+        if ids.shape == good.shape and not np.array_equal(ids, good):
+            break
+    else:
+        pytest.fail("no silently decodable flip found")
+    chunk.write_bytes(data[:pos] + bytes([data[pos] ^ 0x01]) + data[pos + 1:])
+    store = TrajectoryStore(path)
+    with pytest.raises(StoreError, match="array steps/sample_ids at step 3 fails its checksum"):
+        store.step(3)
+    with pytest.raises(StoreError, match="array steps/sample_ids at step 0 fails its checksum"):
+        store.sample_positions(5)  # which steps hold a sample: never from damaged ids
+
+
+@pytest.mark.parametrize(("marker", "message"), [
+    ({"committed_steps": 40, "checkpoints": [0, 5, 10, 12], "closed": False},
+     "claims 40 committed steps, but the store plans 12"),
+    ({"committed_steps": 7, "checkpoints": [0, 5, 10], "closed": False}, "lists checkpoint 10 beyond its 7 committed steps"),
+    ({"committed_steps": 7, "checkpoints": [0, 3], "closed": False}, "checkpoint 3, which is not in the checkpoint plan"),
+    ({"committed_steps": 7, "checkpoints": [0, 5], "closed": True}, "says the run is closed with 7 of 12 steps"),
+    ({"committed_steps": "12", "checkpoints": [0, 5, 10, 12], "closed": True}, "claims '12' committed steps"),
+    ({"committed_steps": 12, "checkpoints": [5, 0], "closed": False}, "not ascending distinct steps"),
+])
+def test_commit_marker_claims_are_validated(runs: dict[str, TrainResult], tmp_path: Path, marker: dict, message: str) -> None:
+    """An inflated committed count used to show as a "3.1x compression" summary: now an error
+    saying what is wrong and what to do."""
+    path = _copy(runs["sgd"], tmp_path)
+    (path / "COMMIT.json").write_text(json.dumps(marker))
+    with pytest.raises(StoreError) as info:
+        summarize(TrajectoryStore(path))
+    msg = str(info.value)
+    assert message in msg and f"run `lmclean check {path}`" in msg and "\n" not in msg
+
+
+def test_missing_or_unreadable_commit_marker_says_what_to_do(runs: dict[str, TrainResult], tmp_path: Path) -> None:
+    path = _copy(runs["sgd"], tmp_path)
+    (path / "COMMIT.json").write_text("{\"committed_steps\": 1")
+    with pytest.raises(StoreError, match=r"COMMIT.json is not readable JSON \(.*\); the commit marker is damaged"):
+        TrajectoryStore(path).committed_steps
+    (path / "COMMIT.json").unlink()
+    with pytest.raises(StoreError, match=r"has no COMMIT.json \(its commit marker\).*re-record it"):
+        TrajectoryStore(path).committed_steps

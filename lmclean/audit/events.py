@@ -30,6 +30,7 @@ __all__ = [
     "check_not_tombstoned",
     "dataset_digest",
     "new_request_id",
+    "refuse_used_request_id",
     "record_event",
     "unlearn_event",
     "v_norm_summary",
@@ -180,6 +181,7 @@ def unlearn_event(
     keep_data: bool,
     wall_time: float,
     output_path: Path | str | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Append the record of one unlearning request and return it as stored (with its ``seq``).
 
@@ -197,12 +199,7 @@ def unlearn_event(
     if request_id is None:
         request_id = new_request_id()
     request_id = str(request_id)
-    used = log.latest(where={"request_id": request_id})
-    if used is not None:
-        raise DataError(
-            f"request id {request_id!r} was already used by audit record {used.get('seq')} "
-            f"({used.get('time')}); give each unlearning request its own id"
-        )
+    refuse_used_request_id(log.records(), request_id)
     body: dict[str, Any] = {
         "kind": "unlearn",
         "request_id": request_id,
@@ -226,8 +223,19 @@ def unlearn_event(
         "keep_data": bool(keep_data),
         "lmclean_version": lmclean.__version__,
         "wall_time_s": round(float(wall_time), 3),
+        **dict(extra or {}),
     }
     return log.append(body)
+
+
+def refuse_used_request_id(records: Sequence[Mapping[str, Any]], request_id: str | None) -> None:
+    """The one check that a request id is new to the store's log (DataError naming the record)."""
+    if request_id is None:
+        return
+    used = [r for r in records if r.get("request_id") == str(request_id)]
+    if used:
+        raise DataError(f"request id {request_id!r} was already used by audit record {used[-1].get('seq')} "
+                        f"({used[-1].get('time')}); give each unlearning request its own id")
 
 
 def check_not_tombstoned(store_dir: Path | str, ids: Sequence[int]) -> None:

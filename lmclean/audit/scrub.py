@@ -5,9 +5,10 @@ step that recorded them, and ``samples/tombstone`` (N,) int64 marks them as remo
 else the audit ``seq`` of the record that removed them). ``steps/sample_ids`` and
 ``steps/lengths`` are left unchanged, so the recorded batch structure stays known.
 
-Each chunk is re-encoded with zarr's own codec pipeline (an in-memory array with the same
-metadata), written to a temp file next to the chunk, fsynced and renamed over it: a crash leaves
-every chunk either old or new. The whole scrub is restartable: an intent file
+Each chunk is decoded and re-encoded through the store's one codec path (lmclean/store/codec.py:
+checksum verified on read, written with a new one) and replaced with the store's atomic write
+(lmclean/store/atomic.py: temp file, fsync, rename, directory fsync): a crash leaves every chunk
+either old or new. The whole scrub is restartable: an intent file
 (``scrub_pending.json``) lists the ids and steps before any chunk is touched and is removed only
 after the tombstones are written; ``finish_pending_scrub`` completes an interrupted one.
 
@@ -29,9 +30,12 @@ import zarr
 from zarr.core.buffer import cpu
 from zarr.storage import MemoryStore
 
-from lmclean.audit.log import AuditLog, _fsync_dir, utc_now
+from lmclean.audit.log import AuditLog, utc_now
 from lmclean._faults import crash_point
-from lmclean.errors import AuditError, DataError, InputNotFoundError, StoreError
+from lmclean.errors import AuditError, DataError, InputNotFoundError, StoreError, StoreVersionError
+from lmclean.store import format as fmt
+from lmclean.store.atomic import PARTIAL_SUFFIX, DirSync, atomic_write_bytes, fsync_dir
+from lmclean.store.codec import ChecksumError, ChunkCodec, array_codec
 
 __all__ = [
     "PENDING_FILENAME",
@@ -49,7 +53,6 @@ SAMPLE_IDS_ARRAY = "steps/sample_ids"
 SAMPLE_TABLE = "samples/id"
 TOMBSTONE_ARRAY = "samples/tombstone"
 LIVE = -1  # tombstone value of a sample that was never removed
-_PARTIAL_SUFFIX = ".lmclean-scrub.partial"
 _PENDING_VERSION = 1
 
 
@@ -76,27 +79,11 @@ class ScrubResult:
 # -- small file helpers --------------------------------------------------------------------------
 
 
-def _atomic_write_bytes(path: Path, data: bytes, dirs: set[Path] | None = None) -> None:
-    """Write ``data`` to a temp file next to ``path``, fsync, rename over ``path``, fsync the dir.
-
-    With ``dirs``, the directory is added to it instead of fsynced (the caller fsyncs them in bulk).
-    """
+def _atomic_write_bytes(path: Path, data: Any, dirs: DirSync | None = None) -> None:
+    """The store's atomic write (lmclean/store/atomic.py); with ``dirs`` the directory fsync is
+    left to ``dirs.sync()`` (the caller syncs them in bulk)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}{_PARTIAL_SUFFIX}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    if dirs is None:
-        _fsync_dir(path.parent)
-    else:
-        dirs.add(path.parent)
+    atomic_write_bytes(path, data, pending=dirs)
 
 
 def _store_dir(store_dir: Path | str) -> Path:
@@ -105,10 +92,19 @@ def _store_dir(store_dir: Path | str) -> Path:
         raise InputNotFoundError(
             f"no lmclean store at {path}; create one with `lmclean record --store {path}`"
         )
+    try:
+        version = json.loads((path / "zarr.json").read_text())["attributes"][fmt.META_KEY]["format_version"]
+    except (OSError, ValueError, KeyError, TypeError):
+        version = None
+    if version != fmt.FORMAT_VERSION:
+        raise StoreVersionError(
+            f"store {path} has format version {version}, this lmclean scrubs version {fmt.FORMAT_VERSION}; "
+            "re-record it with `lmclean record`"
+        )
     return path
 
 
-# -- zarr helpers --------------------------------------------------------------------------------
+# -- chunk helpers (the store's codec path) -------------------------------------------------------
 
 
 def _open(store: Path, name: str) -> Any:
@@ -118,22 +114,12 @@ def _open(store: Path, name: str) -> Any:
         raise StoreError(f"store {store}: array {name} is missing or unreadable ({exc})") from exc
 
 
-def _mirror(meta: bytes) -> tuple[Any, dict[str, Any]]:
-    """An in-memory array with exactly the metadata ``meta`` (a zarr.json document).
-
-    Writing a chunk region into it produces the bytes zarr itself would store under the same key.
-    """
-    entries: dict[str, Any] = {"zarr.json": cpu.Buffer.from_bytes(meta)}
-    mem = zarr.open_array(store=MemoryStore(entries), mode="r+", config={"write_empty_chunks": True})
-    return mem, entries
-
-
 def _chunk_rows(array: Any) -> int:
     """Rows per storage chunk along axis 0; the chunk must span every other axis whole."""
     shape = array.metadata.chunk_grid.chunk_shape
     if tuple(shape[1:]) != tuple(array.shape[1:]):
         raise StoreError(
-            f"array {array.name} has chunks {tuple(shape)} for shape {array.shape}; scrubbing "
+            f"array {array.path} has chunks {tuple(shape)} for shape {array.shape}; scrubbing "
             "needs chunks that hold whole rows (the store format's layout)"
         )
     return int(shape[0])
@@ -144,31 +130,47 @@ def _chunk_path(store: Path, name: str, array: Any, coords: tuple[int, ...]) -> 
     return store / name / array.metadata.encode_chunk_key(coords)
 
 
-def _read_region(store: Path, array: Any, name: str, lo: int, hi: int) -> np.ndarray:
+def _read_chunk(store: Path, array: Any, name: str, codec: ChunkCodec, index: int) -> np.ndarray | None:
+    """Chunk ``index`` of an array decoded (a writable copy, checksum verified), None when its file
+    does not exist; StoreError naming the array and the first step or row it holds when damaged."""
+    path = _chunk_path(store, name, array, (index,) + (0,) * (array.ndim - 1))
     try:
-        return np.asarray(array[lo:hi])
-    except Exception as exc:
-        unit = "step" if name.startswith("steps/") else "row"
-        where = f"{unit} {lo}" if hi == lo + 1 else f"{unit}s {lo}..{hi - 1}"
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    unit = "step" if name.startswith("steps/") else "row"
+    where = f"{unit} {index * _chunk_rows(array)}"
+    try:
+        return codec.decode(raw).copy()
+    except ChecksumError:
         raise StoreError(
-            f"store {store}: array {name} chunk holding {where} is corrupted ({exc}); "
-            "it cannot be scrubbed"
+            f"store {store}: array {name} at {where} fails its checksum; the store is damaged: "
+            f"run `lmclean check {store}`"
+        ) from None
+    except Exception as exc:  # numcodecs raises many types for a corrupted chunk
+        raise StoreError(
+            f"store {store}: array {name} chunk holding {where} is corrupted ({exc}); it cannot be scrubbed"
         ) from exc
 
 
-def _encode_chunk(meta: bytes, index: int, data: np.ndarray) -> tuple[str, bytes]:
-    """(chunk key, encoded bytes) of rows [index*c, index*c + len(data)) under metadata ``meta``."""
-    mem, entries = _mirror(meta)
-    lo = index * _chunk_rows(mem)
-    mem[lo : lo + data.shape[0]] = data
-    key = mem.metadata.encode_chunk_key((index,) + (0,) * (mem.ndim - 1))
-    return key, entries[key].to_bytes()
+def _read_all(store: Path, name: str) -> np.ndarray:
+    """Every row of an array whose chunk files all exist (samples/*, the tombstones)."""
+    array = _open(store, name)
+    codec, c = array_codec(array), _chunk_rows(array)
+    parts = []
+    for index in range(-(-array.shape[0] // c)):
+        chunk = _read_chunk(store, array, name, codec, index)
+        if chunk is None:
+            raise StoreError(f"store {store}: array {name} chunk {index} is missing; the store is damaged")
+        parts.append(chunk)
+    return np.concatenate(parts)[: array.shape[0]] if parts else np.empty(0, dtype=codec.dtype)
 
 
-def _rewrite_chunk(store: Path, name: str, meta: bytes, index: int, data: np.ndarray, dirs: set[Path]) -> None:
-    """Re-encode one chunk of array ``name`` with zarr's own codecs and replace its file atomically."""
-    key, raw = _encode_chunk(meta, index, data)
-    _atomic_write_bytes(store / name / key, raw, dirs)
+def _rewrite_chunk(store: Path, name: str, array: Any, codec: ChunkCodec, index: int, data: np.ndarray,
+                   dirs: DirSync) -> None:
+    """Re-encode one chunk of array ``name`` (with its checksum) and replace its file atomically."""
+    path = _chunk_path(store, name, array, (index,) + (0,) * (array.ndim - 1))
+    _atomic_write_bytes(path, codec.encode(data), dirs)
     crash_point("scrub:after-chunk")
 
 
@@ -176,8 +178,7 @@ def _rewrite_chunk(store: Path, name: str, meta: bytes, index: int, data: np.nda
 
 
 def _sample_table(store: Path) -> np.ndarray:
-    arr = _open(store, SAMPLE_TABLE)
-    return _read_region(store, arr, SAMPLE_TABLE, 0, arr.shape[0]).astype(np.int64)
+    return _read_all(store, SAMPLE_TABLE).astype(np.int64)
 
 
 def _tombstone_values(store: Path, n: int) -> np.ndarray | None:
@@ -197,7 +198,7 @@ def _tombstone_values(store: Path, n: int) -> np.ndarray | None:
                 f"store {store}: array {TOMBSTONE_ARRAY} chunk {index} is missing, so which "
                 "samples were scrubbed is unknown (damaged store)"
             )
-    return np.asarray(_read_region(store, arr, TOMBSTONE_ARRAY, 0, n)).astype(np.int64)
+    return _read_all(store, TOMBSTONE_ARRAY).astype(np.int64)
 
 
 def tombstones(store_dir: Path | str) -> dict[int, int]:
@@ -241,14 +242,15 @@ def pending_scrub(store_dir: Path | str) -> dict[str, Any] | None:
 def _affected_steps(store: Path, sample_ids: np.ndarray, wanted: np.ndarray) -> dict[int, np.ndarray]:
     """step -> (B,) bool mask of batch positions holding a wanted sample (every written row)."""
     arr = _open(store, SAMPLE_IDS_ARRAY)
-    try:
-        table = np.asarray(arr[:])
-    except Exception:  # locate the damaged row precisely
-        for t in range(arr.shape[0]):
-            _read_region(store, arr, SAMPLE_IDS_ARRAY, t, t + 1)
-        raise
-    mask = np.isin(table, wanted)
-    return {int(t): mask[t] for t in np.nonzero(mask.any(axis=1))[0]}
+    codec, c = array_codec(arr), _chunk_rows(arr)
+    out: dict[int, np.ndarray] = {}
+    for index in range(-(-arr.shape[0] // c)):
+        block = _read_chunk(store, arr, SAMPLE_IDS_ARRAY, codec, index)
+        if block is None:
+            continue  # never written: holds no sample
+        mask = np.isin(block, wanted)
+        out.update({index * c + int(t): mask[t] for t in np.nonzero(mask.any(axis=1))[0]})
+    return out
 
 
 # -- scrubbing -----------------------------------------------------------------------------------
@@ -270,38 +272,41 @@ def _check_ids(store: Path, ids: Iterable[int]) -> tuple[np.ndarray, list[int]]:
     return table, wanted
 
 
-def _scrub_tokens(store: Path, masks: dict[int, np.ndarray]) -> tuple[int, int]:
-    """Zero the masked token rows chunk by chunk; return (rows overwritten, chunks rewritten)."""
+def _scrubbed_token_chunks(store: Path, masks: dict[int, np.ndarray]) -> list[tuple[int, np.ndarray, int]]:
+    """(chunk index, chunk with the masked token rows zeroed, rows zeroed) of every tokens chunk
+    that changes. Reads (and checksums) them all before anything is written: a damaged chunk
+    stops the scrub before its intent file or any chunk is touched."""
     tokens = _open(store, TOKENS_ARRAY)
-    c = _chunk_rows(tokens)
-    T = tokens.shape[0]
+    codec, c = array_codec(tokens), _chunk_rows(tokens)
     by_chunk: dict[int, list[int]] = {}
     for t in sorted(masks):
-        if t < T:
+        if t < tokens.shape[0]:
             by_chunk.setdefault(t // c, []).append(t)
-    meta = (store / TOKENS_ARRAY / "zarr.json").read_bytes()
-    dirs: set[Path] = set()
-    rows = chunks = 0
+    out = []
     for index, steps in by_chunk.items():
-        coords = (index,) + (0,) * (tokens.ndim - 1)
-        if not _chunk_path(store, TOKENS_ARRAY, tokens, coords).is_file():
+        data = _read_chunk(store, tokens, TOKENS_ARRAY, codec, index)
+        if data is None:
             continue  # never written: holds no data
-        lo, hi = index * c, min((index + 1) * c, T)
-        data = _read_region(store, tokens, TOKENS_ARRAY, lo, hi)
         changed = 0
         for t in steps:
-            pos = np.nonzero(masks[t][: data.shape[1]])[0]
-            for p in pos:
-                if data[t - lo, p].any():
-                    data[t - lo, p] = 0
+            for p in np.nonzero(masks[t][: data.shape[1]])[0]:
+                if data[t - index * c, p].any():
+                    data[t - index * c, p] = 0
                     changed += 1
         if changed:
-            _rewrite_chunk(store, TOKENS_ARRAY, meta, index, data, dirs)
-            rows += changed
-            chunks += 1
-    for d in dirs:  # every rename durable before the tombstones say the scrub is done
-        _fsync_dir(d)
-    return rows, chunks
+            out.append((index, data, changed))
+    return out
+
+
+def _scrub_tokens(store: Path, scrubbed: list[tuple[int, np.ndarray, int]]) -> tuple[int, int]:
+    """Write the scrubbed token chunks; return (rows overwritten, chunks rewritten)."""
+    tokens = _open(store, TOKENS_ARRAY)
+    codec = array_codec(tokens)
+    dirs = DirSync()
+    for index, data, _ in scrubbed:
+        _rewrite_chunk(store, TOKENS_ARRAY, tokens, codec, index, data, dirs)
+    dirs.sync()  # every rename durable before the tombstones say the scrub is done
+    return sum(n for _, _, n in scrubbed), len(scrubbed)
 
 
 def _write_tombstones(store: Path, table: np.ndarray, wanted: list[int], seq: int) -> dict[int, int]:
@@ -315,7 +320,7 @@ def _write_tombstones(store: Path, table: np.ndarray, wanted: list[int], seq: in
         mem_entries: dict[str, Any] = {}
         zarr.create_array(
             store=MemoryStore(mem_entries), shape=(n,), chunks=(max(n, 1),), dtype="int64",
-            fill_value=LIVE, compressors=None,
+            fill_value=LIVE, compressors=fmt.RAW_CODEC,
             attributes={"description": "-1 = live, else the audit seq of the record that scrubbed the sample"},
         )
         meta = mem_entries["zarr.json"].to_bytes()
@@ -327,13 +332,19 @@ def _write_tombstones(store: Path, table: np.ndarray, wanted: list[int], seq: in
         if values[pos[i]] == LIVE:
             values[pos[i]] = seq
     if created or not np.array_equal(before, values):
-        c = _chunk_rows(_mirror(meta)[0])
+        array = _metadata_only(meta)
+        codec, c = array_codec(array), _chunk_rows(array)
         for index in range(-(-n // c)):
-            key, raw = _encode_chunk(meta, index, values[index * c : (index + 1) * c])
-            _atomic_write_bytes(store / TOMBSTONE_ARRAY / key, raw)
+            path = _chunk_path(store, TOMBSTONE_ARRAY, array, (index,))
+            _atomic_write_bytes(path, codec.encode(values[index * c : (index + 1) * c]))
         if created:  # metadata last: the array appears only once its data is in place
             _atomic_write_bytes(meta_path, meta)
     return {i: int(values[pos[i]]) for i in wanted}
+
+
+def _metadata_only(meta: bytes) -> Any:
+    """A zarr array (in memory) with the metadata ``meta``: its codecs and chunk keys, no data."""
+    return zarr.open_array(store=MemoryStore({"zarr.json": cpu.Buffer.from_bytes(meta)}), mode="r")
 
 
 def _write_intent(store: Path, wanted: list[int], steps: list[int], seq: int) -> None:
@@ -350,7 +361,7 @@ def _write_intent(store: Path, wanted: list[int], steps: list[int], seq: int) ->
 def _clear_intent(store: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         (store / PENDING_FILENAME).unlink()
-    _fsync_dir(store)
+    fsync_dir(store)
 
 
 def _remove_partials(store: Path) -> None:
@@ -358,7 +369,7 @@ def _remove_partials(store: Path) -> None:
     for name in (TOKENS_ARRAY, TOMBSTONE_ARRAY):
         root = store / name
         if root.is_dir():
-            for p in root.rglob(f"*{_PARTIAL_SUFFIX}"):
+            for p in root.rglob(f".*{PARTIAL_SUFFIX}"):
                 with contextlib.suppress(FileNotFoundError):
                     p.unlink()
 
@@ -366,8 +377,9 @@ def _remove_partials(store: Path) -> None:
 def _run(store: Path, wanted: list[int], seq: int, table: np.ndarray) -> ScrubResult:
     masks = _affected_steps(store, table, np.asarray(wanted, dtype=np.int64))
     steps = sorted(masks)
+    scrubbed = _scrubbed_token_chunks(store, masks)
     _write_intent(store, wanted, steps, seq)
-    rows, chunks = _scrub_tokens(store, masks)
+    rows, chunks = _scrub_tokens(store, scrubbed)
     marked = _write_tombstones(store, table, wanted, seq)
     _clear_intent(store)
     return ScrubResult(store, tuple(wanted), seq, tuple(steps), rows, chunks, marked)

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.table import Table
 
-from lmclean.audit import KEY_ENV, AuditLog, VerifyResult, model_digest, pending_scrub, tombstones
 from lmclean.cli._app import abort, err, handle_errors, out, print_json
 from lmclean.errors import AuditError, InputNotFoundError, StoreError
+
+if TYPE_CHECKING:  # lmclean.audit loads zarr (0.6 s): imported where used, so `lmclean --help` stays fast
+    from lmclean.audit import AuditLog
 
 audit_app = typer.Typer(
     name="audit",
@@ -45,6 +47,8 @@ def register(app: typer.Typer) -> None:
 
 
 def _open_log(store: Path) -> AuditLog:
+    from lmclean.audit import AuditLog
+
     if not store.is_dir():
         raise InputNotFoundError(f"store directory {store} does not exist; check the path")
     return AuditLog(store)
@@ -62,12 +66,14 @@ def _one_line(message: str) -> str:
 def show(
     store: StoreArg,
     record_id: Annotated[Optional[int], typer.Option("--id", help="Show every field of the record with this seq number (the first column of the table).")] = None,
+    wide: Annotated[bool, typer.Option("--wide", help="More columns (K, hvp, last ‖v‖, output digest): needs about 140 columns.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """List the audit records of STORE: when, what kind, which request, how many samples, how.
 
-    It also says whether the hash chain is intact; `lmclean audit verify STORE [--model DIR]`
-    checks everything (signatures, scrubbed samples, a model).
+    Then the store's current model (the latest unlearning's output) with the chain of requests that
+    produced it, and every forgotten sample. It also says whether the hash chain is intact;
+    `lmclean audit verify STORE [--model DIR]` checks everything (signatures, scrubs, a model).
     """
     log = _open_log(store)
     records = log.records()
@@ -87,7 +93,8 @@ def show(
     if not records:
         err.print(f"store {store} has no audit records yet (`lmclean record` and `lmclean unlearn` write them)")
         return
-    out.print(_records_table(records, store))
+    out.print(_records_table(records, store, wide))
+    _print_history(store, records)
     result = log.verify()
     if result.ok:
         sig = "signatures checked" if result.signatures_checked else "signatures not checked"
@@ -104,28 +111,53 @@ def _fmt_float(value: Any) -> str:
     return "-" if not isinstance(value, (int, float)) or isinstance(value, bool) else f"{value:.3g}"
 
 
-def _records_table(records: list[dict[str, Any]], store: Path) -> Table:
-    table = Table(title=f"audit log of {store}", title_justify="left")
-    for name, justify in [("seq", "right"), ("time (UTC)", "left"), ("kind", "left"), ("request", "left"),
-                          ("samples", "right"), ("method", "left"), ("K", "right"), ("hvp", "left"),
-                          ("‖v‖ last", "right"), ("output digest", "left")]:
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+def _records_table(records: list[dict[str, Any]], store: Path, wide: bool = False) -> Table:
+    """One row per record; the default columns fit 80 columns, --wide adds the propagation details."""
+    from rich import box
+
+    table = Table(title=f"audit log of {store}", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
+                  padding=(0, 1), collapse_padding=True)
+    columns = [("seq", "right"), ("time (UTC)", "left"), ("kind", "left"), ("request", "left"),
+               ("samples", "right"), ("method", "left")]
+    if wide:
+        columns += [("K", "right"), ("hvp", "left"), ("‖v‖ last", "right"), ("output digest", "left")]
+    for name, justify in columns:
+        table.add_column(name, justify=justify, no_wrap=name != "request", overflow="fold")  # type: ignore[arg-type]
     for r in records:
         ids = r.get("forget_ids")
         vsum = r.get("v_norm_summary") or {}
-        table.add_row(
+        row = [
             str(r.get("seq")),
-            str(r.get("time", "-")).replace("T", " ")[:19],
+            str(r.get("time", "-")).replace("T", " ")[:16],
             str(r.get("kind", "-")),
             str(r.get("request_id") or "-"),
             str(len(ids)) if isinstance(ids, list) else "-",
             str(r.get("method") or "-"),
-            "-" if r.get("K") is None else str(r.get("K")),
-            str(r.get("hvp") or "-"),
-            _fmt_float(vsum.get("last") if isinstance(vsum, dict) else None),
-            _short(r.get("output_model_digest")),
-        )
+        ]
+        if wide:
+            row += ["-" if r.get("K") is None else str(r.get("K")), str(r.get("hvp") or "-"),
+                    _fmt_float(vsum.get("last") if isinstance(vsum, dict) else None), _short(r.get("output_model_digest"))]
+        table.add_row(*row)
     return table
+
+
+def _print_history(store: Path, records: list[dict[str, Any]]) -> None:
+    """The current model, the requests it includes, and every forgotten sample."""
+    from rich.markup import escape
+
+    from lmclean.audit.history import load_history
+
+    try:
+        h = load_history(store, records)
+    except AuditError as exc:
+        err.print(f"[bold red]current model unknown[/]: {_one_line(str(exc))}")
+        return
+    chain = " -> ".join(["recorded"] + [f"{link.request_id}" for link in h.unlearnings])
+    out.print(f"current model: {escape(str(h.current_path))} ({chain})")
+    if h.forgotten_ids:
+        ids = sorted(h.forgotten_ids)
+        shown = ", ".join(f"{i}{' (data kept)' if i in h.kept_data_ids else ''}" for i in ids[:12])
+        out.print(f"forgotten: {len(ids)} samples: {shown}{', …' if len(ids) > 12 else ''}")
 
 
 def _fmt_value(value: Any) -> str:
@@ -167,14 +199,15 @@ def verify(
     Checks, in order: the hash chain (each record's digest and link to the previous one; the HMAC
     signatures too when LMCLEAN_AUDIT_KEY is set); that every sample an unlearning scrubbed is
     tombstoned in the store; and with --model, that DIR's weight digest is the output of a record
-    whose model lineage leads back to the recorded training run. Exits 0 only when everything
-    holds, else 1 with one line naming the first broken record and what differs.
+    whose model lineage leads back to the recorded training run and includes every later request. Exits 0 only when everything
+    holds, else 1 with one line naming the first broken record and what differs. A model passes
+    only when it is the store's current model: it includes every recorded unlearning.
     """
-    log = _open_log(store)
-    report: dict[str, Any] = {"store": str(store), "ok": False}
-    problem = _verify(store, log, model, report)
-    report["ok"] = problem is None
-    report["problem"] = problem
+    from lmclean.audit.verify import verify_store
+
+    _open_log(store)
+    report = verify_store(store, model)
+    problem = report["problem"]
     if json_out:
         print_json(report)
         if problem is not None:
@@ -182,6 +215,8 @@ def verify(
         return
     if problem is not None:
         abort(_one_line(problem))
+    from lmclean.audit import KEY_ENV
+
     sig = ("signatures checked" if report["signatures_checked"]
            else f"signatures not checked (set {KEY_ENV} to check them)")
     line = f"ok: {report['records']} records, chain intact, {sig}"
@@ -198,81 +233,31 @@ def verify(
         err.print(f"[yellow]note[/]: {_one_line(report['note'])}")
 
 
-def _verify(store: Path, log: AuditLog, model: Optional[Path], report: dict[str, Any]) -> str | None:
-    """Fill ``report``; return the first problem as one line, or None when everything holds."""
-    if not log.exists():
-        report.update(records=0, signatures_checked=False)
-        return f"store {store} has no audit log ({log.path.name}); nothing to verify"
-    result: VerifyResult = log.verify()
-    report.update(records=result.n_records, signatures_checked=result.signatures_checked,
-                  n_signed=result.n_signed, note=result.note, first_bad_seq=result.first_bad_seq)
-    if not result.ok:
-        problem = result.problem or f"record {result.first_bad_seq} is broken"
-        return problem if problem.startswith("audit log ") else f"audit log {log.path}: {problem}"
-    records = log.records()
-    problem = _check_scrub(store, records, report)
-    if problem is None and model is not None:
-        problem = _check_model(store, records, model, report)
-    return problem
+@audit_app.command("enroll")
+@handle_errors
+def enroll(
+    store: StoreArg,
+    rotate: Annotated[bool, typer.Option("--rotate", help="Replace the enrolled key by LMCLEAN_AUDIT_KEY from this record on.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Start signing the audit log of STORE with the key in LMCLEAN_AUDIT_KEY.
 
+    Appends a signed `key-enrolled` record (with the key's fingerprint, never the key). From it on
+    every record must be signed; the records before it stay covered by the hash chain, anchored by
+    the signed enrolment. Needed when the key is set after recording; see docs/audit.md.
+    """
+    from lmclean.audit import StoreLock
 
-def _check_scrub(store: Path, records: list[dict[str, Any]], report: dict[str, Any]) -> str | None:
-    """Every keep_data=false unlearn's samples are tombstoned, and every tombstone names such a record."""
-    try:
-        dead = tombstones(store)
-        pending = pending_scrub(store)
-    except InputNotFoundError:  # a bare log directory without the store's arrays
-        report["scrub"] = {"checked": False}
-        return None
-    except StoreError as exc:
-        report["scrub"] = {"checked": False}
-        return str(exc)
-    report["scrub"] = {"checked": True, "tombstoned": len(dead)}
-    if pending is not None:
-        return (f"store {store} has an interrupted scrub of audit record {pending.get('audit_seq')} pending "
-                f"(scrub_pending.json); the next `lmclean unlearn` or `record --resume` on it completes it")
-    by_seq = {r.get("seq"): r for r in records}
-    for r in records:
-        if r.get("kind") != "unlearn" or r.get("keep_data") is not False:
-            continue
-        missing = [int(i) for i in r.get("forget_ids") or [] if int(i) not in dead]
-        if missing:
-            return (f"record {r.get('seq')} (request {r.get('request_id')}) says its samples were scrubbed, but "
-                    f"sample {missing[0]} is not tombstoned in the store"
-                    f"{f' ({len(missing)} such samples)' if len(missing) > 1 else ''}; "
-                    "the next `lmclean unlearn` on this store completes an interrupted scrub")
-    for i, seq in sorted(dead.items()):
-        r = by_seq.get(seq)
-        if r is None or r.get("kind") != "unlearn" or i not in (r.get("forget_ids") or []):
-            return (f"sample {i} is tombstoned by audit record {seq}, but that record "
-                    f"{'does not exist' if r is None else 'does not list it as forgotten'}")
-    return None
-
-
-def _check_model(store: Path, records: list[dict[str, Any]], model: Path, report: dict[str, Any]) -> str | None:
-    digest = model_digest(model)
-    report["model"] = {"path": str(model), "digest": digest}
-    producing = [r for r in records if r.get("output_model_digest") == digest]
-    if not producing:
-        writers = [r for r in records if r.get("output_model_digest")]
-        if not writers:
-            return f"model {model} (digest {digest[:12]}…): no record in the audit log of {store} wrote a model"
-        last = writers[-1]
-        return (f"model {model} has weights digest {digest[:12]}…, which no record in the audit log of {store} "
-                f"produced; the latest record that wrote a model is record {last.get('seq')} ({last.get('kind')}"
-                f"{', request ' + str(last['request_id']) if last.get('request_id') else ''}) with "
-                f"{str(last.get('output_model_digest'))[:12]}…")
-    rec = producing[-1]
-    report["model"].update(record_seq=rec.get("seq"), kind=rec.get("kind"), request_id=rec.get("request_id"))
-    lineage = [rec.get("seq")]
-    cur = rec
-    while cur.get("kind") not in ("record", "resume"):
-        before = cur.get("model_digest_before")
-        parents = [r for r in records if r.get("seq", -1) < cur.get("seq", -1) and r.get("output_model_digest") == before]
-        if not before or not parents:
-            return (f"record {cur.get('seq')} ({cur.get('kind')}): model_digest_before {_short(before)}… matches no "
-                    "earlier record's output_model_digest, so the model it started from is not in the log")
-        cur = parents[-1]
-        lineage.append(cur.get("seq"))
-    report["model"]["lineage"] = lineage[::-1]
-    return None
+    log = _open_log(store)
+    with StoreLock(store, "audit enroll"):
+        record, created = log.enroll(rotate=rotate)
+    if json_out:
+        print_json({"store": str(store), "created": created, "record": record})
+        return
+    fp = str(record.get("key_fingerprint") or "")[:12]
+    if not created:
+        out.print(f"already enrolled: this key (fingerprint {fp}…) signs the audit log of {store} since record {record['seq']}")
+        return
+    what = "rotated to" if record.get("previous_key_fingerprint") else "enrolled"
+    out.print(f"{what} key {fp}… at record {record['seq']}: every record from here on is signed"
+              + (f"; records 0..{record['seq'] - 1} are covered by the hash chain only" if record["seq"] else ""))

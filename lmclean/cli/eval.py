@@ -4,7 +4,6 @@ for several models side by side."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -13,9 +12,11 @@ from rich.markup import escape
 from rich.table import Table
 
 from lmclean.cli._app import err, handle_errors, out, print_json, progress_bar
+from lmclean.cli._options import Device
+from lmclean.config import DataConfig
 from lmclean.errors import ConfigError
-from lmclean.eval.report import DEFAULT_DATA_TEMPLATE, evaluate, model_specs, prepare
-from lmclean.train.data import parse_id_spec
+
+DEFAULT_DATA_TEMPLATE = DataConfig.template  # the record default (lmclean.eval.report imports torch: loaded when the command runs)
 
 # (key, label, how to read it); rows appear when some model has the key
 METRIC_ROWS: list[tuple[str, str, str]] = [
@@ -77,19 +78,27 @@ def eval_models(
     template: Annotated[str, typer.Option("--template", help="Row template used when recording; with {answer} the loss is on the answer given the text before it.", show_default=r"Q: {question}\nA: {answer}")] = DEFAULT_DATA_TEMPLATE,
     id_field: Annotated[str, typer.Option("--id-field", help="Row field holding the sample id ('' = the row number).")] = "id",
     tokenizer: Annotated[Optional[str], typer.Option("--tokenizer", help="`byte` or a tokenizer directory (default: each model directory's own).")] = None,
-    generate: Annotated[int, typer.Option("--generate", min=0, help="Greedy answers to show for the first N forget questions (0 = none).")] = 3,
+    generate: Annotated[int, typer.Option("--generate", min=0, help="Greedy answers to show for the first N forget and the first N retain questions (0 = none).")] = 3,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Token limit of greedy answers (generation samples and TOFU ROUGE).")] = 200,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Rows per forward pass.")] = 16,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+    device: Annotated[Device, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout instead of tables.")] = False,
-    out_file: Annotated[Optional[Path], typer.Option("--out", help="Also write the JSON report to this file.")] = None,
+    out_file: Annotated[Optional[Path], typer.Option("--out", help="Also write the JSON report to this file (must be new, or pass --overwrite).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out file.")] = False,
 ) -> None:
     """Evaluate unlearning: several models side by side on forget / retain / holdout data.
 
     Metrics are rows, models are columns. forget_quality (with --tofu and --reference) is a p-value: HIGHER means closer to the retrained reference.
     """
+    from lmclean.eval.report import evaluate, model_specs, prepare  # torch, transformers, scipy: loaded here
+    from lmclean.train.data import parse_id_spec
+
     if not forget:
         raise ConfigError("--forget is required: ids, ranges like 60-79, or @file")
+    if out_file is not None:
+        from lmclean.paths import check_output
+
+        check_output(out_file, overwrite=overwrite, kind="file")  # before any work
     if data is None:
         if tofu_dir is None:
             raise ConfigError("--data is required: the JSON Lines file the models were recorded on")
@@ -107,23 +116,15 @@ def eval_models(
                           batch_size=batch_size, max_new_tokens=max_new_tokens, tokenizer=tokenizer,
                           device=_device(device), progress=progress)  # fmt: skip
     if out_file is not None:
-        _write_json(out_file, report)
+        from lmclean.store.atomic import atomic_write_bytes
+
+        out_file.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(out_file, (json.dumps(report, indent=2, default=str) + "\n").encode())
         err.print(f"[green]wrote[/] {out_file}")
     if json_out:
         print_json(report)
         return
     render(report)
-
-
-def _write_json(path: Path, data: Any) -> None:
-    """Write `*.partial`, then rename into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    try:
-        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _fmt(value: Any) -> str:
@@ -147,22 +148,34 @@ def render(report: dict[str, Any]) -> None:
     for name in names:
         label = f"{name}\n(original)" if name == report.get("original") else name
         table.add_column(escape(f"{label}\n(reference)" if name == ref else label), justify="right")
-    table.add_column("how to read", style="dim")
+    inline = out.width >= 70 + 13 * len(names)  # else the explanations go below the table, unwrapped
+    if inline:
+        table.add_column("how to read", style="dim")
+    shown = [(label, how) for key, label, how in METRIC_ROWS if any(report["models"][n].get(key) is not None for n in names)]
     for key, label, how in METRIC_ROWS:
         values = [report["models"][n].get(key) for n in names]
         if all(v is None for v in values):
             continue
-        table.add_row(label, *(_fmt(v) for v in values), how)
+        table.add_row(label, *(_fmt(v) for v in values), *([how] if inline else []))
     out.print(table)
-    if report["generations"]:
-        gen = Table(title="greedy answers to forget questions", title_justify="left", show_lines=True)
-        gen.add_column("question / gold answer", style="bold")
+    if not inline:
+        for label, how in shown:
+            out.print(f"  [bold cyan]{escape(label.strip())}[/]: [dim]{escape(how)}[/]")
+    forgotten, kept = report["generations"], report.get("retain_generations") or []
+    if forgotten or kept:
+        gen = Table(title="greedy answers (✓ = the training answer)", title_justify="left")
+        gen.add_column("question / training answer", style="bold")
         for name in names:
-            gen.add_column(name)
-        for g in report["generations"]:
-            prompt = (g["prompt"] or "").strip()
-            head = escape(f"[{g['id']}] {prompt}")
-            gen.add_row(f"{head}\n[dim]{escape(g['answer'])}[/]", *(escape(g["outputs"][n]) for n in names))
+            gen.add_column(escape(name))
+        for heading, rows in (("forgotten", forgotten), ("kept", kept)):
+            if rows:
+                gen.add_section()
+                gen.add_row(f"[italic]{heading}[/]", *("" for _ in names))
+            for g in rows:
+                gold = (g["answer"] or "").strip()
+                head = escape(f"[{g['id']}] {' '.join((g['prompt'] or '').split())}")
+                gen.add_row(f"{head}\n[dim]{escape(gold)}[/]",
+                            *(escape(o) + (" ✓" if o.strip() == gold else "") for o in (g["outputs"][n] for n in names)))
         out.print(gen)
     for note in report["notes"]:
         out.print(f"note: {escape(note)}")

@@ -6,23 +6,25 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
-from lmclean.audit import pending_scrub, tombstones
 from lmclean.cli._app import handle_errors, out, print_json
 from lmclean.errors import DataError
-from lmclean.store.reader import TrajectoryStore
-from lmclean.store.summary import sample_report, step_report, summarize
 
 
 @handle_errors
 def inspect_log(
     store: Annotated[Path, typer.Argument(help="Store directory written by `lmclean record`.")],
-    sample: Annotated[Optional[int], typer.Option("--sample", help="Show the steps and batch positions where this sample id was seen.")] = None,
-    step: Annotated[Optional[int], typer.Option("--step", help="Show one step: lr, loss, gradient norm, sample ids.")] = None,
+    sample: Annotated[Optional[int], typer.Option("--sample", min=0, help="Show the steps and batch positions where this sample id was seen.")] = None,
+    step: Annotated[Optional[int], typer.Option("--step", min=0, help="Show one step: lr, loss, gradient norm, sample ids.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print everything as JSON on stdout.")] = False,
 ) -> None:
     """Summarise a store: model, steps, schedule, checkpoints, samples, bytes and compression."""
+    from lmclean.audit import pending_scrub, tombstones  # zarr and torch: imported when the command runs
+    from lmclean.store.reader import TrajectoryStore
+    from lmclean.store.summary import sample_report, step_report, summarize
+
     s = TrajectoryStore(store)
     data: dict[str, Any] = summarize(s)
     if sample is not None:
@@ -32,6 +34,7 @@ def inspect_log(
     if step is not None:
         data["step"] = step_report(s, step)
     data["tombstones"] = {str(i): seq for i, seq in sorted(tombstones(s.path).items())}
+    data["history"] = _history(s.path)
     data["scrub_pending"] = pending_scrub(s.path) is not None
     if sample is not None and str(sample) in data["tombstones"]:
         data["sample"]["tombstoned_by_audit_record"] = data["tombstones"][str(sample)]
@@ -62,6 +65,7 @@ def _render(d: dict[str, Any]) -> None:
                       f"= {b['compression_vs_fp32']}x, {b['bytes_per_param_per_step']} bytes/param/step"),
         ("on disk", f"{b['on_disk'] / 1e6:.1f} MB in total"),
         ("scrubbed", _tombstone_text(d)),
+        *_history_rows(d["history"]),
     ]
     for key, value in rows:
         table.add_row(key, value)
@@ -76,6 +80,29 @@ def _render(d: dict[str, Any]) -> None:
         s = d["step"]
         out.print(f"step {s['step']}: lr {s['lr']:.4g}, loss {s['loss']:.4f}, |g| {s['grad_norm']:.4g}, "
                   f"{s['tokens']} tokens, samples {s['sample_ids']}")
+
+
+def _history(store: Path) -> dict[str, Any]:
+    """The current model, its chain and every forgotten sample, from the audit log."""
+    from lmclean.audit.history import load_history
+    from lmclean.errors import AuditError
+
+    try:
+        return load_history(store).to_dict()
+    except AuditError as exc:
+        return {"problem": str(exc)}
+
+
+def _history_rows(h: dict[str, Any]) -> list[tuple[str, str]]:
+    if "problem" in h:
+        return [("current model", f"[red]unknown[/]: {escape(h['problem'])}")]
+    chain = [c for c in h["chain"] if c["kind"] == "unlearn"]
+    lineage = " -> ".join(["recorded"] + [f"{c['request_id']} ({c['method']})" for c in chain])
+    forgotten = h["forgotten_ids"]
+    kept = set(h["kept_data_ids"])
+    ids = ", ".join(f"{i}{' (data kept)' if i in kept else ''}" for i in forgotten[:8]) + (", …" if len(forgotten) > 8 else "")
+    return [("current model", f"{escape(h['current_model'])}: {lineage}"),
+            ("forgotten", f"{len(forgotten)} samples: {ids}" if forgotten else "none")]
 
 
 def _tombstone_text(d: dict[str, Any]) -> str:

@@ -5,7 +5,16 @@ from __future__ import annotations
 import typer
 
 from lmclean import __version__
-from lmclean.cli import export, inspect_log, record
+from lmclean.cli import audit, export, inspect_log, record, unlearn
+from lmclean.cli._app import PolishedHelp
+from lmclean.cli._options import OneLineErrors
+from lmclean.cli import eval as eval_cmd
+from lmclean.cli import check as check_cmd
+
+
+class _Root(PolishedHelp, OneLineErrors):
+    """The `lmclean` group: one-line usage errors, and help that reads as written."""
+
 
 app = typer.Typer(
     name="lmclean",
@@ -19,6 +28,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=_Root,  # bad option values: one `error:` line and exit 1, like every other error
 )
 
 
@@ -33,17 +43,15 @@ def main(version: bool = typer.Option(False, "--version", callback=_version, is_
     """Online unlearning for language models."""
 
 
+# Every command, registered statically: a renamed module fails here, loudly. The command modules
+# import torch, transformers and the engine inside their functions, so `--help` starts in well under a second.
 app.command("record")(record.record)
 app.command("inspect-log")(inspect_log.inspect_log)
+app.command("unlearn")(unlearn.unlearn)
+app.add_typer(audit.audit_app, name="audit")
+app.command("eval")(eval_cmd.eval_models)
 app.command("export")(export.export)
-
-for _name in ("unlearn", "audit", "eval"):
-    try:  # later commands register themselves when their module exists
-        module = __import__(f"lmclean.cli.{_name}", fromlist=["register"])
-        module.register(app)
-    except ModuleNotFoundError as exc:
-        if exc.name != f"lmclean.cli.{_name}":
-            raise
+app.command("check")(check_cmd.check)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,6 @@ import typer
 from lmclean import config as config_mod
 from lmclean.cli._app import err, handle_errors, print_json, progress_bar
 from lmclean.errors import ConfigError
-from lmclean.train.data import parse_id_spec
-from lmclean.train.trainer import train
 
 DEFAULT_CONFIG = Path("examples/tiny.yaml")
 
@@ -33,17 +31,26 @@ def record(
     The store holds per-step gradients, learning rates, batch ids, weights and tokens, plus
     periodic checkpoints, so that any sample can later be unlearned and the run replayed exactly.
     """
+    from lmclean.train.data import parse_id_spec  # torch: imported when a command runs, not for --help
+    from lmclean.train.trainer import train
+
     if show_config:
         for key, default, help_text in config_mod.help_table():
             typer.echo(f"{key:28s} {default:24s} {help_text}")
         return
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite exclude each other: continue the store or replace it")
-    if config is None and DEFAULT_CONFIG.exists():
-        config = DEFAULT_CONFIG
-    cfg = config_mod.load(config, set_ or [])
-    excluded = parse_id_spec(exclude) if exclude else []
-    base = config.parent if config else None
+    if resume and config is None:  # the store knows its config (and exclusions): --resume needs only --store
+        from lmclean.train.trainer import stored_config
+
+        cfg, base, excluded = stored_config(store, set_ or [])
+        excluded = parse_id_spec(exclude) if exclude else excluded
+    else:
+        if config is None and DEFAULT_CONFIG.exists():
+            config = DEFAULT_CONFIG
+        cfg = config_mod.load(config, set_ or [])
+        excluded = parse_id_spec(exclude) if exclude else []
+        base = config.parent if config else None
     started = time.perf_counter()
     with progress_bar("train", total=None, fields="loss {task.fields[loss]:.4f} lr {task.fields[lr]:.2e} {task.fields[rate]:.1f} steps/s",
                       enabled=not json_out, lazy=True) as advance:
@@ -51,7 +58,7 @@ def record(
 
         def on_start(start: int, total: int) -> None:  # set-up passed: bad input has been refused by now
             where = f"resuming at step {start} of {total}" if resume else f"new, {total} steps"
-            err.print(f"recording to [bold]{store}[/] ({where}; config {config or 'defaults'}"
+            err.print(f"recording to [bold]{store}[/] ({where}; config {config or ('of the store' if resume else 'defaults')}"
                       f"{f'; excluding {len(excluded)} samples' if excluded else ''})")
             advance(total=total, completed=start)
 
@@ -68,6 +75,8 @@ def record(
         "bytes_on_disk": stats.bytes_on_disk if stats else None,
         "grad_compression": round(stats.bytes_raw_grads / max(1, stats.grad_bytes_on_disk), 3) if stats else None,
         "model_dir": str(result.model_dir) if result.model_dir else None,
+        "samples": len(result.run.dataset.samples), "truncated_samples": result.run.dataset.truncated,
+        "max_length": cfg.data.max_length,
     }
     if json_out:
         print_json(summary)
@@ -75,6 +84,9 @@ def record(
     err.print(f"[green]recorded[/] {summary['steps']} steps in {summary['train_seconds']} s, final loss "
               f"{summary['final_loss']:.4f}; store {summary['bytes_on_disk'] / 1e6:.1f} MB, gradients compressed "
               f"{summary['grad_compression']}x; model saved to {summary['model_dir']}")
+    if summary["truncated_samples"]:
+        err.print(f"[yellow]note[/]: {summary['truncated_samples']} of {summary['samples']} samples were truncated to "
+                  f"max_length {summary['max_length']} (raise `data.max_length` to keep them whole)")
 
 
 class _Rate:

@@ -8,13 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from lmclean.cli._app import err, handle_errors, print_json, progress_bar
-from lmclean.store.reader import TrajectoryStore
-from lmclean.unlearn.lmcleaner import PropagationSettings, require_supported
-from lmclean.unlearn.operators import OperatorSettings
-from lmclean.unlearn.resolve import resolve_forget
-from lmclean.audit import check_not_tombstoned
-from lmclean.unlearn.service import (Request, UnlearnOptions, affected_steps, default_out, plan, sweep_steps,
-                                    unlearn as run_unlearn)
+from lmclean.cli._options import Curvature, CurvatureBatch, Level, Method, OnDivergence, Tail, check_unlearn_options, unit_fraction
 
 
 @handle_errors
@@ -23,24 +17,26 @@ def unlearn(
     forget: Annotated[Optional[str], typer.Option(help="Sample ids to forget: 3,5,60-79 or @file (one id per line).")] = None,
     forget_data: Annotated[Optional[Path], typer.Option(help="JSON Lines rows to forget, matched to recorded samples by their token fingerprint.")] = None,
     steps: Annotated[Optional[str], typer.Option(help="Forget whole recorded steps, e.g. 12,40 (implies --level batch).")] = None,
-    level: Annotated[str, typer.Option(help="sample: remove each forget sample's own terms; batch: remove every step that contains one, whole.")] = "sample",
-    method: Annotated[str, typer.Option(help="lmcleaner (propagate through recorded curvature), rollback (no propagation) or replay (exact re-run).")] = "lmcleaner",
-    K: Annotated[Optional[int], typer.Option("--K", help="Steps to propagate (or replay) past the last affected step; the rest is carried unchanged. Replay default: to the end.")] = None,
-    hvp: Annotated[str, typer.Option(help="Curvature for lmcleaner: ggn (Gauss-Newton, PSD, default), exact (Hessian), diag, lowrank, fisher (rank-1 baseline).")] = "ggn",
-    damping: Annotated[float, typer.Option(help="Add damping·I to the curvature: more stable, slightly biased.")] = 1e-4,
-    on_divergence: Annotated[str, typer.Option(help="When ‖v‖ blows up: stop (error naming the step) or damp (raise damping and retry).")] = "stop",
-    curvature_batch: Annotated[str, typer.Option(help="retained: curvature of the batch without the forget set (exact for quadratics); full: the recorded batch (exactly linear in requests).")] = "retained",
-    tail: Annotated[str, typer.Option(help="Past the K window: carry the correction unchanged (paper) or keep propagating it with cheap low-rank curvature.")] = "carry",
+    level: Annotated[Level, typer.Option(help="sample: remove each forget sample's own terms; batch: remove every step that contains one, whole.")] = "sample",
+    method: Annotated[Method, typer.Option(help="lmcleaner (propagate through recorded curvature), rollback (no propagation) or replay (exact re-run).")] = "lmcleaner",
+    K: Annotated[Optional[int], typer.Option("--K", min=0, help="Steps to propagate (or replay) past the last affected step; the rest is carried unchanged. Replay default: to the end.")] = None,
+    hvp: Annotated[Curvature, typer.Option(help="Curvature for lmcleaner: ggn (Gauss-Newton, PSD, default), exact (Hessian), diag, lowrank, fisher (rank-1 baseline).")] = "ggn",
+    damping: Annotated[float, typer.Option(min=0.0, help="Add damping·I to the curvature: more stable, slightly biased.")] = 1e-4,
+    on_divergence: Annotated[OnDivergence, typer.Option(help="When ‖v‖ blows up: stop (error naming the step) or damp (raise damping and retry).")] = "stop",
+    curvature_batch: Annotated[CurvatureBatch, typer.Option(help="retained: curvature of the batch without the forget set (exact for quadratics); full: the recorded batch (exactly linear in requests).")] = "retained",
+    tail: Annotated[Tail, typer.Option(help="Past the K window: carry the correction unchanged (paper) or keep propagating it with cheap low-rank curvature.")] = "carry",
     stabilize: Annotated[bool, typer.Option(help="Clip curvature steps where η·λ > 2 so the propagation stays non-expansive (PSD curvature only).")] = True,
-    rank: Annotated[int, typer.Option(help="lowrank: eigenpairs per anchor step.")] = 8,
-    refresh: Annotated[int, typer.Option(help="lowrank/diag: reuse an anchor's curvature for this many steps.")] = 100,
-    curvature_fraction: Annotated[float, typer.Option(help="ggn/exact: take each step's curvature product on a random share of its batch (weights rescaled): about that share of the cost, noisier.")] = 1.0,
-    anchor_fraction: Annotated[float, typer.Option(help="lowrank/diag: share of the anchor step's batch the curvature estimate uses (1 = all; 0.5 halves its cost).")] = 0.5,
-    fraction: Annotated[Optional[float], typer.Option(help="replay: estimate the gradient change on this fraction of each batch (control variate).")] = None,
-    noise: Annotated[float, typer.Option(help="Add Gaussian noise N(0, σ²) to the unlearned weights.")] = 0.0,
-    seed: Annotated[int, typer.Option(help="Seed for noise, subsets and random probes.")] = 0,
-    base: Annotated[Optional[Path], typer.Option(help="Apply the correction to this model directory (e.g. an earlier unlearned model) instead of the recorded final model.")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output model directory (default: <store>-unlearned-N next to the store).")] = None,
+    rank: Annotated[int, typer.Option(min=1, help="lowrank: eigenpairs per anchor step.")] = 8,
+    refresh: Annotated[int, typer.Option(min=1, help="lowrank/diag: reuse an anchor's curvature for this many steps.")] = 100,
+    curvature_fraction: Annotated[float, typer.Option(callback=unit_fraction, help="ggn/exact: take each step's curvature product on a random share of its batch (weights rescaled): about that share of the cost, noisier.")] = 1.0,
+    anchor_fraction: Annotated[float, typer.Option(callback=unit_fraction, help="lowrank/diag: share of the anchor step's batch the curvature estimate uses (1 = all; 0.5 halves its cost).")] = 0.5,
+    fraction: Annotated[Optional[float], typer.Option(callback=unit_fraction, help="replay: estimate the gradient change on this fraction of each batch (control variate).")] = None,
+    noise: Annotated[float, typer.Option(min=0.0, help="Add Gaussian noise N(0, σ²) to the unlearned weights.")] = 0.0,
+    seed: Annotated[int, typer.Option(min=0, help="Seed for noise, subsets and random probes.")] = 0,
+    base: Annotated[Optional[Path], typer.Option(help="Apply the correction to this model directory instead of the store's current model (the latest unlearning's output, else the recorded final model); it must hold a model of the store's chain.")] = None,
+    base_unrelated: Annotated[bool, typer.Option(help="Accept a --base that is not the store's current model (the audit log records it, and verify reports the broken lineage).")] = False,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output model directory (default: <store>-unlearned-N next to the store); must be new or empty.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing non-empty --out directory (never a store or a directory holding one).")] = False,
     request_id: Annotated[Optional[str], typer.Option(help="Your id for this deletion request (recorded in the audit log; default: generated).")] = None,
     reason: Annotated[Optional[str], typer.Option(help="Why, for the audit log (e.g. 'GDPR art. 17 request').")] = None,
     requested_by: Annotated[Optional[str], typer.Option(help="Who asked, for the audit log.")] = None,
@@ -48,46 +44,50 @@ def unlearn(
     dry_run: Annotated[bool, typer.Option(help="Print the plan (steps touched, products needed, time estimate) and exit.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
 ) -> None:
-    """Make the recorded model forget samples, and write the unlearned model.
+    """Make the store's current model forget samples, and write the unlearned model.
 
-    LMCleaner injects each forget sample's recorded update at every step it was seen and propagates
-    it through the following steps with curvature products taken at the recorded parameters.
+    Starts from the store's current model (its latest unlearning's output, else the recorded final
+    model), so requests compose. LMCleaner injects each forget sample's recorded update at every step
+    it was seen and propagates it through the following steps with curvature products taken at the
+    recorded parameters; replay re-runs training without every sample forgotten so far.
     """
-    s = TrajectoryStore(store)
-    forget_set, description = resolve_forget(s, forget=forget, forget_data=forget_data, steps=steps, level=level)
-    if K is None and method == "lmcleaner":
-        K = 800
+    check_unlearn_options()  # option combinations that cannot work: refused before any work, --dry-run too
+    from lmclean.unlearn.lmcleaner import PropagationSettings
+    from lmclean.unlearn.operators import OperatorSettings
+    from lmclean.unlearn.request import ForgetSpec, Requester
+    from lmclean.unlearn.service import OutputSpec, UnlearnOptions, plan
+    from lmclean.unlearn.service import unlearn as run_unlearn
+
+    spec = ForgetSpec(ids=forget, data=forget_data, steps=steps, level=level)
     options = UnlearnOptions(
         method=method, K=K, fraction=fraction, noise=noise, seed=seed,
         propagation=PropagationSettings(damping=damping, on_divergence=on_divergence, curvature_batch=curvature_batch, tail=tail, stabilize=stabilize,
                                         operator=OperatorSettings(hvp=hvp, rank=rank, refresh=refresh, anchor_fraction=anchor_fraction,
                                                                    curvature_fraction=curvature_fraction, seed=seed)))
-    if method == "lmcleaner":
-        require_supported(s, forget_set)  # before any output: an optimizer lmcleaner cannot follow
+    output = OutputSpec(out=out, overwrite=overwrite, base=base, base_unrelated=base_unrelated)
+    who = Requester(request_id, reason, requested_by, keep_data)
     if dry_run:
-        check_not_tombstoned(s.path, description.get("sample_ids", []))
-        data = {**plan(s, forget_set, options), **{k: v for k, v in description.items() if k != "fingerprints"}}
+        data = plan(store, spec, options, output, who)
         if json_out:
             print_json(data)
         else:
             for key, value in data.items():
                 err.print(f"{key:28s} {value}")
         return
-    target = out or default_out(Path(store))
-    if description.get("level") == "batch":
-        err.print(f"batch level: removing {len(description['steps'])} steps whole, taking "
-                  f"{description['collateral_samples']} other samples' terms with them")
-    span = max(1, sweep_steps(affected_steps(s, forget_set), s.committed_steps, options))
-    with progress_bar(f"{method}", total=span, fields="‖v‖ {task.fields[vnorm]:.3e}", enabled=not json_out, lazy=True) as advance:
-        report = run_unlearn(s, forget_set, description, options, target, base=base,
-                             progress=lambda t, n: advance(1, vnorm=n),
-                             request=Request(request_id, reason, requested_by, keep_data))
+    with progress_bar(f"{method}", total=None, fields="‖v‖ {task.fields[vnorm]:.3e}", enabled=not json_out, lazy=True) as advance:
+        report = run_unlearn(store, spec, options, output, who, progress=lambda t, n: advance(1, vnorm=n),
+                             on_start=lambda total: advance(0, total=total))
     if json_out:
         print_json(report)
         return
-    err.print(f"[green]unlearned[/] {len(description.get('sample_ids', []))} samples / {len(report['steps_touched'])} steps with "
-              f"{report['method']} in {report['wall_seconds']} s ({report['curvature_products']} curvature products, "
-              f"‖Δθ‖ {report['delta_norm']:.3e}); model written to {target}")
+    if report["level"] == "batch":
+        err.print(f"batch level: removed {len(report['forget_steps'])} steps whole, taking "
+                  f"{report['collateral_samples']} other samples' terms with them")
+    base_line = f"from {report['base_model']}" + (f" (after {len(report['composes_with'])} earlier requests)"
+                                                  if report["composes_with"] else "")
+    err.print(f"[green]unlearned[/] {len(report['forget_sample_ids'])} samples / {len(report['steps_touched'])} steps with "
+              f"{report['method']} {base_line} in {report['wall_seconds']} s ({report['curvature_products']} curvature "
+              f"products, ‖Δθ‖ {report['delta_norm']:.3e}); model written to {report['output']}")
     for note in report["notes"]:
         err.print(f"note: {note}")
     scrubbed = f"; scrubbed their tokens from {report['scrubbed_steps']} steps" if "scrubbed_steps" in report else " (data kept)"

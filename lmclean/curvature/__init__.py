@@ -1,35 +1,21 @@
 """Curvature-vector products over parameter dicts: pure functions, no I/O.
 
-Every product takes an ``Objective`` (the recorded batch loss split at the network outputs), the
+Per-step products (exact, ggn, fisher) take an ``Objective`` (the recorded batch loss split at the network outputs), the
 parameters θ[t] at which to evaluate the curvature, and a vector with the parameters' keys and shapes.
-``PRODUCTS`` maps the config names to those functions so callers dispatch through one dict.
+``PRODUCTS`` maps their names to those functions. Estimated-once curvatures (Hutchinson diagonal,
+Lanczos low rank, K-FAC/EK-FAC) return objects that are then reused for many products.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from lmclean.curvature._tree import (
-    as_flat_matvec,
-    flatten,
-    tree_add,
-    tree_axpy,
-    tree_dot,
-    tree_norm,
-    tree_scale,
-    tree_zeros_like,
-    unflatten,
-)
-from lmclean.curvature.diag import (
-    diag_vp,
-    ggn_diagonal_hutchinson,
-    hessian_diagonal_hutchinson,
-    hutchinson_diagonal,
-    rademacher_like,
-)
+from lmclean.curvature._tree import as_flat_matvec, flatten, unflatten
+from lmclean.curvature.diag import diag_vp, ggn_diagonal_hutchinson, hessian_diagonal_hutchinson
 from lmclean.curvature.exact import hvp, make_hvp
 from lmclean.curvature.fisher import fisher_vp, fisher_vp_at
 from lmclean.curvature.ggn import ggn_vp, ggn_vp_batched
+from lmclean.curvature.kfac import KroneckerCurvature, kronecker_curvature
 from lmclean.curvature.lowrank import LowRankCurvature, top_eigenpairs
 from lmclean.errors import ConfigError
 from lmclean.objective import Objective, Params
@@ -37,6 +23,7 @@ from lmclean.objective import Objective, Params
 __all__ = [
     "PRODUCTS",
     "CurvatureProduct",
+    "KroneckerCurvature",
     "LowRankCurvature",
     "as_flat_matvec",
     "diag_vp",
@@ -48,17 +35,10 @@ __all__ = [
     "ggn_vp",
     "ggn_vp_batched",
     "hessian_diagonal_hutchinson",
-    "hutchinson_diagonal",
     "hvp",
+    "kronecker_curvature",
     "make_hvp",
-    "rademacher_like",
     "top_eigenpairs",
-    "tree_add",
-    "tree_axpy",
-    "tree_dot",
-    "tree_norm",
-    "tree_scale",
-    "tree_zeros_like",
     "unflatten",
 ]
 

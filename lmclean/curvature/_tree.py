@@ -19,10 +19,7 @@ __all__ = [
     "check_like",
     "flatten",
     "numel",
-    "tree_add",
-    "tree_axpy",
     "tree_dot",
-    "tree_norm",
     "tree_scale",
     "tree_zeros_like",
     "unflatten",
@@ -48,26 +45,9 @@ def tree_dot(a: Params, b: Params) -> Tensor:
     return sum((torch.vdot(a[k].reshape(-1), b[k].reshape(-1)) for k in a), torch.zeros((), dtype=_dtype(a)))
 
 
-def tree_add(a: Params, b: Params) -> Params:
-    """a + b."""
-    check_like(a, b)
-    return {k: a[k] + b[k] for k in a}
-
-
 def tree_scale(a: Params, c: float | Tensor) -> Params:
     """c · a."""
     return {k: c * v for k, v in a.items()}
-
-
-def tree_axpy(alpha: float | Tensor, x: Params, y: Params) -> Params:
-    """alpha · x + y."""
-    check_like(x, y)
-    return {k: alpha * x[k] + y[k] for k in x}
-
-
-def tree_norm(a: Params) -> Tensor:
-    """Euclidean norm of the concatenated entries."""
-    return torch.sqrt(tree_dot(a, a))
 
 
 def tree_zeros_like(a: Params) -> Params:

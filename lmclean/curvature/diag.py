@@ -18,13 +18,7 @@ from lmclean.curvature.ggn import ggn_vp
 from lmclean.errors import ConfigError
 from lmclean.objective import Objective, Params
 
-__all__ = [
-    "diag_vp",
-    "ggn_diagonal_hutchinson",
-    "hessian_diagonal_hutchinson",
-    "hutchinson_diagonal",
-    "rademacher_like",
-]
+__all__ = ["diag_vp", "ggn_diagonal_hutchinson", "hessian_diagonal_hutchinson"]
 
 Seed = torch.Generator | int
 

@@ -1,4 +1,4 @@
-"""Exact Hessian-vector products H v of the batch loss, by forward-over-reverse differentiation.
+"""Exact Hessian-vector products H v of the batch loss, by reverse-over-reverse (double backward).
 
 The exact Hessian keeps negative curvature, which is what the linearised recursion of the algorithm
 literally asks for; it is also the one product whose (I − ηH) can grow, so the engine guards it.
@@ -13,7 +13,7 @@ import torch
 from lmclean.curvature._tree import check_like
 from lmclean.objective import Objective, Params, loss_of
 
-__all__ = ["hvp", "hvp_functional", "make_hvp"]
+__all__ = ["hvp", "make_hvp"]
 
 
 def make_hvp(obj: Objective, params: Params) -> Callable[[Params], Params]:
@@ -38,13 +38,6 @@ def make_hvp(obj: Objective, params: Params) -> Callable[[Params], Params]:
         return out
 
     return hvp_at
-
-
-def hvp_functional(obj: Objective, params: Params, vec: Params) -> Params:
-    """∇²L(params) v as a torch.func jvp of the gradient (forward-over-reverse); a reference."""
-    check_like(params, vec)
-    _, hv = torch.func.jvp(torch.func.grad(lambda p: loss_of(obj, p)), (params,), (vec,))
-    return hv
 
 
 def hvp(obj: Objective, params: Params, vec: Params) -> Params:

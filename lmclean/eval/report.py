@@ -79,7 +79,7 @@ def read_samples(path: Path, template: str, id_field: str | None, need_ids: bool
     parts = split_template(template)
     samples: list[EvalSample] = []
     seen: dict[int, str] = {}
-    for index, (lineno, row) in enumerate(read_rows(path)):
+    for index, (lineno, row) in enumerate(read_rows(path, fix="pass an existing JSON Lines file")):
         where = f"{path}:{lineno}"
         missing = [f for f in fields if f not in row]
         if missing:
@@ -372,6 +372,11 @@ def _kl(model: Any, ref: Any, tok: Any, rows: Sequence[EvalSample], batch_size: 
     return scoring.mean_token_kl(model, ref, tok, [r.prompt or "" for r in rows], [r.target for r in rows], batch_size)
 
 
+def _perplexity(loss: float) -> float:
+    """exp(loss), inf past float range (a diverged model's loss can exceed 709)."""
+    return math.exp(loss) if loss < 709.0 else math.inf
+
+
 def token_loss(scored: Sequence[Any]) -> float:
     """Token-weighted mean NLL: all scored tokens of all rows pooled (what `forget_loss` reports)."""
     total = sum(float(-s.token_logprobs.sum()) for s in scored)
@@ -396,11 +401,11 @@ def _evaluate_one(
     step("forget loss")
     forget_scored = _score(model, tok, sets.forget, batch_size)
     v["forget_loss"] = token_loss(forget_scored)
-    v["forget_ppl"] = math.exp(v["forget_loss"])
+    v["forget_ppl"] = _perplexity(v["forget_loss"])
     step("retain loss")
     retain_scored = _score(model, tok, sets.retain, batch_size)
     v["retain_loss"] = token_loss(retain_scored)
-    v["retain_ppl"] = math.exp(v["retain_loss"])
+    v["retain_ppl"] = _perplexity(v["retain_loss"])
     if sets.holdout:
         step("membership inference")
         holdout_scored = _score(model, tok, sets.holdout, batch_size)
@@ -438,7 +443,7 @@ def _evaluate_one(
         v.update(components)
     if n_generate and sets.answer_mode:
         step("generation")
-        rows = sets.forget[:n_generate]
+        rows = [*sets.forget[:n_generate], *sets.retain[:n_generate]]  # forgotten questions, then kept ones
         raw.generations = scoring.greedy_answers(model, tok, [r.prompt or "" for r in rows], max_new_tokens, batch_size)
     return raw
 
@@ -541,11 +546,14 @@ def evaluate(
     if reference is None:
         notes.append("privleak, residual_ratio and KL skipped: pass --reference DIR (e.g. the model of `lmclean record --exclude`)")
 
-    generations = []
+    generations: list[dict[str, Any]] = []
+    retain_generations: list[dict[str, Any]] = []
     if n_generate and sets.answer_mode:
-        for i, row in enumerate(sets.forget[:n_generate]):
-            generations.append({"id": row.id, "prompt": row.prompt, "answer": row.target,
-                                "outputs": {m.name: results[m.name].generations[i] for m in columns}})  # fmt: skip
+        rows = [*sets.forget[:n_generate], *sets.retain[:n_generate]]  # the order _evaluate_one generated
+        for i, row in enumerate(rows):
+            into = generations if i < min(n_generate, len(sets.forget)) else retain_generations
+            into.append({"id": row.id, "prompt": row.prompt, "answer": row.target,
+                         "outputs": {m.name: results[m.name].generations[i] for m in columns}})  # fmt: skip
     elif n_generate:
         notes.append("generation skipped: the data rows are plain text, without a question to answer")
     return {
@@ -559,7 +567,8 @@ def evaluate(
         "reference": reference.name if reference is not None else None,
         "original": original.name if original is not None and reference is not None else None,
         "models": {m.name: {"path": str(m.path), **results[m.name].values} for m in columns},
-        "generations": generations,
+        "generations": generations,  # the first n forget questions
+        "retain_generations": retain_generations,  # the first n retain questions: what unlearning must keep
         "notes": notes,
     }
 

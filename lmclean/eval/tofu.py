@@ -9,7 +9,6 @@ TOFU's eval config: probability on `answer`; truth ratio of `perturbed_answer` a
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from numpy.typing import NDArray
 
 from lmclean.errors import DataError, InputNotFoundError
 from lmclean.eval import metrics
+from lmclean.train.data import read_rows
 
 DEFAULT_TEMPLATE = "Q: {question}\nA: "
 FORGET_SPLITS = ("forget01", "forget05", "forget10")
@@ -69,23 +69,7 @@ class TofuData:
 
 
 def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    if not path.is_file():
-        raise InputNotFoundError(f"TOFU file not found: {path}; the TOFU folder must hold all its split files")
-    rows: list[tuple[int, dict[str, Any]]] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg}); fix or re-download the file") from e
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            rows.append((lineno, obj))
-    if not rows:
-        raise DataError(f"{path}: no rows; re-download the file")
-    return rows
+    return read_rows(path, what="TOFU file", fix="the TOFU folder must hold all its split files")
 
 
 def _text(path: Path, lineno: int, obj: dict[str, Any], key: str) -> str:

@@ -1,7 +1,9 @@
 """Read a trajectory store: metadata, committed steps, step rows, checkpoints, and θ replay.
 
-Only committed steps are visible (COMMIT.json). Chunks that were never written read as sentinels
-(NaN / -2), which this reader turns into a precise StoreError instead of silent zeros.
+Only committed steps are visible (COMMIT.json, whose claims are checked against the metadata when
+read). Every chunk is read through lmclean/store/codec.py, which verifies its CRC-32C; a chunk
+that fails it, does not decode, or was never written is a StoreError naming array and step,
+never silent zeros or fill values.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import zarr
 
 from lmclean.errors import InputNotFoundError, StoreError, StoreVersionError
 from lmclean.store import format as fmt
+from lmclean.store.codec import ChecksumError, ChunkCodec, array_codec
 from lmclean.store.shard import read_row
 from lmclean.train.flat import ParamManifest
 from lmclean.train.optim import UpdateRule, rule_from_dict
@@ -52,11 +55,13 @@ class TrajectoryStore:
             raise StoreError(f"{self.path} is a Zarr group but not an lmclean store (no `{fmt.META_KEY}` attributes)")
         version = meta.get("format_version")
         if version != fmt.FORMAT_VERSION:
+            why = " (written before chunk checksums)" if version == 1 else ""
             raise StoreVersionError(
-                f"store {self.path} has format version {version}, this lmclean reads version {fmt.FORMAT_VERSION}; "
-                "use the lmclean version that wrote it (attribute lmclean_version) or re-record")
+                f"store {self.path} has format version {version}{why}, this lmclean reads version "
+                f"{fmt.FORMAT_VERSION}; re-record it with `lmclean record` (or read it with lmclean "
+                f"{meta.get('lmclean_version', '?')}, which wrote it)")
         self.meta: dict[str, Any] = meta
-        self._readers: dict[str, _ChunkReader | None] = {}  # per array: direct chunk reads (None: via zarr)
+        self._readers: dict[str, _ChunkReader] = {}  # per array: direct chunk reads through the codec path
         self._seen_committed = 0  # committed steps last read from COMMIT.json (see _check_step)
         self.manifest = ParamManifest.from_list(meta["manifest"])
         self.rule: UpdateRule = rule_from_dict(meta["optimizer"])
@@ -68,10 +73,8 @@ class TrajectoryStore:
 
     # -- commit state ---------------------------------------------------------------------
     def commit_state(self) -> dict[str, Any]:
-        try:
-            return json.loads((self.path / fmt.COMMIT_FILE).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise StoreError(f"store {self.path} has no readable {fmt.COMMIT_FILE}; it was not created by lmclean record") from exc
+        """COMMIT.json, its claims checked against the metadata (StoreError saying what is wrong)."""
+        return validate_commit(self.path, self.meta)
 
     @property
     def committed_steps(self) -> int:
@@ -83,12 +86,12 @@ class TrajectoryStore:
 
     @property
     def closed(self) -> bool:
-        return bool(self.commit_state().get("closed"))
+        return bool(self.commit_state()["closed"])
 
     @property
     def checkpoint_steps(self) -> list[int]:
         """Committed checkpoint steps, ascending."""
-        return sorted(int(s) for s in self.commit_state()["checkpoints"])
+        return list(self.commit_state()["checkpoints"])
 
     # -- rows --------------------------------------------------------------------------------
     def _check_step(self, t: int) -> None:
@@ -100,43 +103,55 @@ class TrajectoryStore:
         if not 0 <= t < n:
             raise StoreError(f"step {t} is not recorded in {self.path}: committed steps are 0..{n - 1}")
 
+    def reader(self, name: str) -> "_ChunkReader":
+        """The chunk reader of array `name` (e.g. "steps/grad"), made once."""
+        if name not in self._readers:
+            try:
+                arr = self.root[name]
+            except KeyError:
+                raise StoreError(f"store {self.path} lacks the array {name}; it is damaged") from None
+            self._readers[name] = _ChunkReader(self.path, arr)
+        return self._readers[name]
+
+    def chunk(self, name: str, index: int, where: str) -> np.ndarray:
+        """Chunk `index` of array `name` decoded and verified (a sharded array: its row `index`);
+        StoreError naming the array and `where` (e.g. "step 17") when it fails its checksum, does
+        not decode, or was never written."""
+        reader = self.reader(name)
+        try:
+            chunk = reader.chunk(index)
+        except ChecksumError as exc:
+            detail = f" ({exc.part})" if exc.part else ""
+            raise StoreError(f"store {self.path}: array {name} at {where} fails its checksum{detail}; the store is "
+                             f"damaged: run `lmclean check {self.path}`") from None
+        except StoreError as exc:
+            raise StoreError(f"store {self.path}: array {name} at {where} is unreadable ({exc}); the store is "
+                             "damaged") from exc
+        except Exception as exc:  # numcodecs raises many types for a corrupted chunk
+            raise StoreError(f"store {self.path}: array {name} at {where} is unreadable ({type(exc).__name__}: "
+                             f"{exc}); the store is damaged") from exc
+        if chunk is None:
+            raise StoreError(f"store {self.path}: array {name} has no data at {where} (chunk file missing); "
+                             "the store is damaged")
+        return chunk
+
     def _row(self, name: str, index: int, step: int | None = None) -> np.ndarray:
         """Row `index` of array `name` (e.g. "steps/grad"); a never-written chunk is an error, not fill.
 
-        Read from the chunk file directly where the codecs allow (see _ChunkReader); the result
-        may be a read-only view: copy it before writing into it."""
+        The result may be a read-only view: copy it before writing into it."""
         where = f"step {index}" if step is None else f"row {index} (checkpoint of step {step})"
-        if name not in self._readers:
-            self._readers[name] = _ChunkReader.for_array(self.path, self.root[name])
-        reader = self._readers[name]
-        if reader is not None:
-            if not 0 <= index < reader.length:
-                raise StoreError(f"store {self.path}: array {name} has no {where} (it holds {reader.length} rows)")
-            try:
-                chunk = reader.chunk(index // reader.rows)
-            except Exception as exc:  # numcodecs raises many types for a corrupted chunk
-                raise StoreError(f"store {self.path}: array {name} at {where} is unreadable ({type(exc).__name__}: "
-                                 f"{exc}); the store is damaged") from exc
-            if chunk is None:
-                raise StoreError(f"store {self.path}: array {name} has no data at {where} (chunk file missing); "
-                                 "the store is damaged")
-            return chunk[index % reader.rows]
-        arr = self.root[name]
-        try:
-            value = np.asarray(arr[index])
-        except Exception as exc:  # zarr/numcodecs raise many types for a corrupted chunk
-            raise StoreError(f"store {self.path}: array {name} at {where} is unreadable ({type(exc).__name__}: {exc}); "
-                             "the store is damaged") from exc
-        if _all_fill(value, arr.fill_value) and not self._chunk_exists(arr, index):
-            raise StoreError(f"store {self.path}: array {name} has no data at {where} (chunk file missing); "
-                             "the store is damaged")
-        return value
+        reader = self.reader(name)
+        if not 0 <= index < reader.length:
+            raise StoreError(f"store {self.path}: array {name} has no {where} (it holds {reader.length} rows)")
+        return self.chunk(name, index // reader.rows, where)[index % reader.rows]
 
-    def _chunk_exists(self, arr: Any, index: int) -> bool:
-        """Whether the chunk file holding row `index` exists (rows per chunk from the metadata)."""
-        rows = arr.metadata.chunk_grid.chunk_shape[0]
-        key = arr.metadata.encode_chunk_key((index // rows,) + (0,) * (arr.ndim - 1))
-        return (self.path / arr.path / key).is_file()
+    def rows(self, name: str, stop: int, unit: str = "step") -> np.ndarray:
+        """Rows 0..stop-1 of array `name`, chunk by chunk through the verified codec path."""
+        reader = self.reader(name)
+        parts = [self.chunk(name, i, f"{unit} {i * reader.rows}") for i in range(-(-stop // reader.rows))]
+        if not parts:
+            return np.empty((0, *reader.chunk_shape[1:]), dtype=reader.codec.dtype)
+        return np.concatenate(parts)[:stop]
 
     def step(self, t: int) -> StepRecord:
         self._check_step(t)
@@ -162,14 +177,11 @@ class TrajectoryStore:
         """A per-step scalar array (lr, loss, grad_norm) over committed steps."""
         if name not in fmt.STEP_SCALARS:
             raise StoreError(f"no per-step scalar {name!r}; use one of {list(fmt.STEP_SCALARS)}")
-        values = np.asarray(self._steps[name][: self.committed_steps])
-        for t in np.nonzero(np.isnan(values))[0]:
-            self._row(f"steps/{name}", int(t))  # raises when the NaN is a missing chunk, not a recorded NaN
-        return values
+        return self.rows(f"steps/{name}", self.committed_steps)
 
     def all_sample_ids(self) -> np.ndarray:
         """(T, B) sample ids of committed steps, -1 = empty slot."""
-        ids = np.asarray(self._steps["sample_ids"][: self.committed_steps])
+        ids = self.rows("steps/sample_ids", self.committed_steps)
         missing = np.nonzero((ids == fmt.MISSING_INT).all(axis=1))[0]
         if len(missing):
             raise StoreError(f"store {self.path}: array steps/sample_ids has no data at step {int(missing[0])} "
@@ -179,8 +191,8 @@ class TrajectoryStore:
     # -- samples -----------------------------------------------------------------------------
     @cached_property
     def sample_fingerprints(self) -> dict[int, str]:
-        ids = np.asarray(self.root["samples/id"][:])
-        fps = np.asarray(self.root["samples/fingerprint"][:])
+        n = int(self.root["samples/id"].shape[0])
+        ids, fps = self.rows("samples/id", n, "row"), self.rows("samples/fingerprint", n, "row")
         return {int(i): bytes(fp).hex() for i, fp in zip(ids, fps)}
 
     # -- checkpoints and θ replay -------------------------------------------------------------
@@ -189,12 +201,10 @@ class TrajectoryStore:
         if step not in self.checkpoint_steps:
             raise StoreError(f"store {self.path} has no committed checkpoint at step {step}; "
                              f"checkpoints: {self.checkpoint_steps}")
-        steps = np.asarray(self._ck["step"][:])
-        where = np.nonzero(steps == step)[0]
-        if not len(where):
-            raise StoreError(f"store {self.path}: array checkpoints/step does not list committed checkpoint {step}; "
-                             "the store is damaged")
-        k = int(where[0])
+        k = list(self.meta["checkpoint_plan"]).index(step)
+        if int(self._row("checkpoints/step", k, step)) != step:
+            raise StoreError(f"store {self.path}: array checkpoints/step does not list committed checkpoint {step} at "
+                             f"row {k}; the store is damaged")
         theta = torch.from_numpy(self._row("checkpoints/theta", k, step).copy())
         state = {n: torch.from_numpy(self._row(f"checkpoints/{n}", k, step).copy()) for n in self.rule.state_names()}
         return theta, state
@@ -245,44 +255,41 @@ class TrajectoryStore:
 
 
 class _ChunkReader:
-    """Rows of one array read straight from its chunk files with numcodecs (no zarr call).
+    """Rows of one array read straight from its chunk files through the codec path (no zarr call).
 
     zarr's array API costs about 1 ms per read, which made reading the store most of the cost of
     rollback and of reused-curvature sweeps. Keeps the last decoded chunk of block arrays (a sweep
     reads their rows in order: one decode per block), keyed by the file's inode, size and mtime so
     a chunk rewritten in place (scrub, resume) is read again."""
 
-    def __init__(self, store_path: Path, arr: Any, dtype: np.dtype, codecs: list[Any]) -> None:
+    def __init__(self, store_path: Path, arr: Any) -> None:
         meta = arr.metadata
+        self.codec: ChunkCodec = array_codec(arr)  # StoreError for a pipeline lmclean does not write
         self.length = int(arr.shape[0])
-        self.chunk_shape = tuple(int(n) for n in meta.chunk_grid.chunk_shape)
         self.shard_rows = fmt.shard_rows(arr)  # a sharded array: rows per shard file (chunks are rows)
-        if self.shard_rows is not None:
-            self.chunk_shape = (1, *self.chunk_shape[1:])
+        self.chunk_shape = self.codec.chunk_shape
         self.rows = self.chunk_shape[0]
-        self.decoders = codecs[::-1]  # decode in reverse encode order
-        self.dtype = dtype
         self.dir = store_path / arr.path
         self._key = meta.encode_chunk_key
         self._ndim = arr.ndim
         self._cached: tuple[tuple[int, int, int, int], np.ndarray] | None = None
 
-    @classmethod
-    def for_array(cls, store_path: Path, arr: Any) -> "_ChunkReader | None":
-        """A reader, or None when the array's codecs are not bytes(little) + blosc/zstd (zarr reads those)."""
-        try:
-            dtype, codecs = fmt.chunk_codecs(arr)
-        except StoreError:
-            return None
-        return cls(store_path, arr, dtype, codecs)
+    def key(self, index: int) -> str:
+        return self._key((index,) + (0,) * (self._ndim - 1))
 
     def chunk(self, index: int) -> np.ndarray | None:
-        """Chunk `index` decoded (read-only), or None when its file (or its shard's row) does not exist."""
+        """Chunk `index` decoded (read-only), or None when its file (or its shard's row) does not
+        exist; ChecksumError when it (or its shard's index) fails its checksum."""
         if self.shard_rows is not None:
             shard, row = divmod(index, self.shard_rows)
-            data = read_row(self.dir / self._key((shard,) + (0,) * (self._ndim - 1)), row)
-            return None if data is None else self._decode(data)
-        path = self.dir / self._key((index,) + (0,) * (self._ndim - 1))
+            try:
+                data = read_row(self.dir / self.key(shard), row, self.shard_rows)
+            except ChecksumError as exc:
+                lo = shard * self.shard_rows
+                part = f"the index of shard {self.key(shard)}, steps {lo}..{min(lo + self.shard_rows, self.length) - 1}"
+                raise ChecksumError(str(exc), part) from None
+            return None if data is None else self.codec.decode(data)
+        path = self.dir / self.key(index)
         try:
             st = path.stat()
         except FileNotFoundError:
@@ -290,19 +297,51 @@ class _ChunkReader:
         sig = (index, st.st_ino, st.st_size, st.st_mtime_ns)
         if self._cached is not None and self._cached[0] == sig:
             return self._cached[1]
-        value = self._decode(path.read_bytes())
+        value = self.codec.decode(path.read_bytes())
         if self.rows > 1:
             self._cached = (sig, value)
         return value
 
-    def _decode(self, data: Any) -> np.ndarray:
-        for dec in self.decoders:
-            data = dec.decode(data)
-        return np.frombuffer(data, dtype=self.dtype).reshape(self.chunk_shape)
 
-
-def _all_fill(value: np.ndarray, fill: Any) -> bool:
-    """True when every element equals the array's fill value (NaN fill: every element NaN)."""
-    if value.dtype.kind == "f" and np.isnan(fill):
-        return bool(np.isnan(value).all())
-    return bool((value == fill).all())
+def validate_commit(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """COMMIT.json of the store at `path` with metadata `meta`, or a one-line StoreError saying
+    what is wrong with it: committed_steps an int in 0..planned_steps, checkpoints a sorted list of
+    planned checkpoint steps at or before it, `closed` a bool that is true only when every planned
+    step and checkpoint is committed."""
+    marker = path / fmt.COMMIT_FILE
+    fix = f"the commit marker is damaged: run `lmclean check {path}`, then re-record the store (or restore {marker})"
+    try:
+        state = json.loads(marker.read_text())
+    except FileNotFoundError:
+        raise StoreError(f"store {path} has no {fmt.COMMIT_FILE} (its commit marker): its creation was interrupted "
+                         f"or the file was removed; re-record it with `lmclean record`") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise StoreError(f"store {path}: {fmt.COMMIT_FILE} is not readable JSON ({exc}); {fix}") from exc
+    if not isinstance(state, dict):
+        raise StoreError(f"store {path}: {fmt.COMMIT_FILE} is not a JSON object; {fix}")
+    planned, plan = int(meta["planned_steps"]), [int(s) for s in meta["checkpoint_plan"]]
+    n, cks, closed = state.get("committed_steps"), state.get("checkpoints"), state.get("closed", False)
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= planned:
+        raise StoreError(f"store {path}: {fmt.COMMIT_FILE} claims {n!r} committed steps, but the store plans "
+                         f"{planned} (an int in 0..{planned} is valid); {fix}")
+    if (not isinstance(cks, list) or any(isinstance(c, bool) or not isinstance(c, int) for c in cks)
+            or cks != sorted(set(cks))):
+        raise StoreError(f"store {path}: {fmt.COMMIT_FILE} lists checkpoints {cks!r}, not ascending distinct steps; "
+                         f"{fix}")
+    unplanned = [c for c in cks if c not in plan]
+    if unplanned:
+        raise StoreError(f"store {path}: {fmt.COMMIT_FILE} lists checkpoint {unplanned[0]}, which is not in the "
+                         f"checkpoint plan {plan}; {fix}")
+    later = [c for c in cks if c > n]
+    if later:
+        raise StoreError(f"store {path}: {fmt.COMMIT_FILE} lists checkpoint {later[0]} beyond its {n} committed "
+                         f"steps; {fix}")
+    if n > 0 and 0 not in cks:
+        raise StoreError(f"store {path}: {fmt.COMMIT_FILE} counts {n} committed steps but not the checkpoint of step "
+                         f"0 they start from; {fix}")
+    if not isinstance(closed, bool):
+        raise StoreError(f"store {path}: {fmt.COMMIT_FILE} has closed = {closed!r}, not true or false; {fix}")
+    if closed and (n != planned or cks != plan):
+        raise StoreError(f"store {path}: {fmt.COMMIT_FILE} says the run is closed with {n} of {planned} steps and "
+                         f"checkpoints {cks} of {plan} committed; {fix}")
+    return {"committed_steps": n, "checkpoints": cks, "closed": closed}

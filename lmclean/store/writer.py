@@ -9,8 +9,9 @@ Why the writer looks the way it does (measured on 2 cores with the example model
 training step; torch's OpenMP threads keep both cores busy, so every bit of writer CPU is taken
 from training; benchmarks/record_overhead.py):
 - zarr's array API costs ~1 ms and several thread hand-offs per write; the hot path instead
-  encodes each chunk with the numcodecs codec that the array's metadata names and writes the
-  chunk file that zarr reads, atomically (temp file + rename), relative to an open directory fd.
+  encodes each chunk through lmclean/store/codec.py (the codecs the array's metadata names, and
+  the CRC-32C) and writes the chunk file that zarr reads with lmclean/store/atomic.py, relative
+  to an open directory fd.
 - np.dot / np.linalg.norm call BLAS, whose worker threads spin on the cores that torch's OpenMP
   threads need (+250% step time): the writer calls no BLAS; the gradient norm is computed by the
   Recorder with torch on the training thread (~35 us, less than the writer took for it).
@@ -30,7 +31,6 @@ when the writer stops (close/abort): a crash (SIGKILL) loses at most that much w
 
 from __future__ import annotations
 
-import contextlib
 import os
 import queue
 import shutil
@@ -43,8 +43,11 @@ from typing import Any
 import numpy as np
 import zarr
 
-from lmclean.errors import StoreError
+from lmclean.errors import StoreError, StoreExistsError
 from lmclean.store import format as fmt
+from lmclean.store.atomic import DirSync, atomic_write_json
+from lmclean.store.atomic import atomic_write_bytes as _atomic_write
+from lmclean.store.codec import ChecksumError, array_codec
 from lmclean.store.shard import ShardRowArray
 
 
@@ -81,12 +84,14 @@ class ChunkFiles:
         if self.chunk_shape[1:] != self.shape[1:]:
             raise StoreError(f"array {self.name} has chunks {self.chunk_shape}, the writer needs whole rows per chunk")
         self.rows = self.chunk_shape[0]
-        self.dtype, self.encoders = fmt.chunk_codecs(array)
+        self.codec = array_codec(array)
+        self.dtype = self.codec.dtype
         self.fill = meta.fill_value
         self.dir = store_path / array.path
         self._key = meta.encode_chunk_key
+        if "/" in self.chunk_key(0):
+            raise StoreError(f"array {self.name}: chunk keys with '/' are not the store format (keys are 'c.<i>.0')")
         self._fd: int | None = None  # the array directory, opened on first write (paths resolve from it)
-        self._made: set[str] = set()
 
     def chunk_key(self, index: int) -> str:
         return self._key((index,) + (0,) * (len(self.shape) - 1))
@@ -97,32 +102,23 @@ class ChunkFiles:
     def encode(self, data: np.ndarray) -> bytes | memoryview:
         if data.size != int(np.prod(self.chunk_shape)):
             raise StoreError(f"array {self.name}: chunk of shape {data.shape}, expected {self.chunk_shape}")
-        return fmt.encode_chunk(data, self.dtype, self.encoders)
+        return self.codec.encode(data)
 
-    def write_chunk(self, index: int, data: np.ndarray) -> None:
-        """Encode and write chunk `index` atomically (temp file + rename)."""
+    def write_chunk(self, index: int, data: np.ndarray, pending: DirSync | None = None) -> None:
+        """Encode and write chunk `index` atomically (lmclean/store/atomic.py; with `pending`, the
+        directory fsync is left to the caller)."""
         encoded = self.encode(data)
         if self._fd is None:
             self._fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
-        fd = self._fd
-        key = self.chunk_key(index)
-        parent, _, name = key.rpartition("/")
-        if parent:
-            self._make_dirs(parent)
-        tmp = f"{parent}/.{name}.partial" if parent else f".{name}.partial"
+        _atomic_write(self.chunk_key(index), encoded, dir_fd=self._fd, pending=pending)
+
+    def read_chunk(self, index: int) -> np.ndarray | None:
+        """Chunk `index` decoded (checksum verified), None when its file does not exist."""
         try:
-            out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644, dir_fd=fd)
-            try:
-                view = memoryview(encoded)
-                while view:
-                    view = view[os.write(out, view):]
-            finally:
-                os.close(out)
-            os.rename(tmp, key, src_dir_fd=fd, dst_dir_fd=fd)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp, dir_fd=fd)
-            raise
+            data = self.chunk_path(index).read_bytes()
+        except FileNotFoundError:
+            return None
+        return self.codec.decode(data, f"array {self.name} chunk {self.chunk_key(index)}")
 
     def first_missing(self, count: int) -> int | None:
         """The first of rows 0..count-1 whose chunk file does not exist, or None."""
@@ -131,19 +127,6 @@ class ChunkFiles:
                 return index * self.rows
         return None
 
-    def _make_dirs(self, parent: str) -> None:
-        parts = parent.split("/")
-        for depth in range(1, len(parts) + 1):
-            sub = "/".join(parts[:depth])
-            if sub in self._made:
-                continue
-            try:
-                os.mkdir(sub, dir_fd=self._fd)
-            except FileExistsError:
-                pass
-            if depth == 1:  # remember only the top level ("c"); per-step directories are new
-                self._made.add(sub)
-
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
@@ -151,26 +134,17 @@ class ChunkFiles:
 
 
 class RowArray(ChunkFiles):
-    """An array with one row per chunk: each row is written as its own chunk file."""
+    """An array with one row per chunk (the checkpoints): each row is written as its own chunk file."""
 
     def __init__(self, store_path: Path, array: zarr.Array) -> None:
         super().__init__(store_path, array)
         if self.rows != 1:
             raise StoreError(f"array {self.name} has {self.rows} rows per chunk, expected 1")
 
-    def write(self, index: int, row: np.ndarray) -> None:
+    def write(self, index: int, row: np.ndarray, pending: DirSync | None = None) -> None:
         if not 0 <= index < self.shape[0]:
             raise StoreError(f"array {self.name}: row {index} is outside 0..{self.shape[0] - 1}")
-        self.write_chunk(index, row)
-
-    def write_staged(self) -> None:
-        """Nothing to do: each row is written at once (ShardRowArray stages rows)."""
-
-
-def _row_array(store_path: Path, array: zarr.Array) -> RowArray | ShardRowArray:
-    """The writer of a one-row-per-chunk array: shards appended in place (new stores), or a chunk
-    file per row (stores recorded before the gradient was sharded, when resumed)."""
-    return ShardRowArray(store_path, array) if fmt.shard_rows(array) is not None else RowArray(store_path, array)
+        self.write_chunk(index, row, pending)
 
 
 class BlockArray(ChunkFiles):
@@ -188,9 +162,17 @@ class BlockArray(ChunkFiles):
         lo = self.block * self.rows
         if start > lo:
             try:
-                self.buf[: start - lo] = np.asarray(array[lo:start])
-            except Exception as exc:
-                raise StoreError(f"store {store_path}: array {self.name} rows {lo}..{start - 1} are unreadable ({exc})") from exc
+                kept = self.read_chunk(self.block)
+            except ChecksumError:
+                raise StoreError(f"store {store_path}: array {self.name} at step {lo} fails its checksum; the store "
+                                 f"is damaged: run `lmclean check {store_path}`") from None
+            except Exception as exc:  # numcodecs raises many types for a damaged chunk
+                raise StoreError(f"store {store_path}: array {self.name} rows {lo}..{start - 1} are unreadable "
+                                 f"({exc})") from exc
+            if kept is None:
+                raise StoreError(f"store {store_path}: array {self.name} has no data at step {lo} (chunk file "
+                                 "missing); the store is damaged")
+            self.buf[: start - lo] = kept[: start - lo]
 
     def set(self, index: int, row: Any) -> None:
         """Put row `index` (in order); a completed block is written at once."""
@@ -202,17 +184,20 @@ class BlockArray(ChunkFiles):
         self.buf[index - block * self.rows] = row
         self.dirty = True
 
-    def flush(self) -> None:
+    def flush(self, pending: DirSync | None = None) -> None:
         if self.dirty:
             self.dirty = False
-            self.write_chunk(self.block, self.buf)
+            self.write_chunk(self.block, self.buf, pending)
 
 
 def create_layout(path: Path, meta: dict[str, Any], P: int, T: int, B: int, L: int, K: int,
                   state_names: list[str], sample_ids: np.ndarray, fingerprints: np.ndarray) -> None:
     """Create every array of a new store (no chunks yet: unwritten rows read as fill sentinels)."""
     precision, codec = meta["precision"], meta["codec"]
-    root = zarr.open_group(str(path), mode="w-", zarr_format=3)
+    if (path / "zarr.json").exists():
+        raise StoreExistsError(f"store {path} already exists; pass --resume to continue it or --overwrite to replace it")
+    # "a", not "w-": an emptied store directory still holds the lock of the `record --overwrite` creating it
+    root = zarr.open_group(str(path), mode="a", zarr_format=3)
     flat = {"chunk_key_encoding": fmt.FLAT_KEYS}
     R = min(fmt.BLOCK_ROWS, max(T, 1))  # rows per chunk of the block arrays
     steps = root.create_group("steps")
@@ -231,16 +216,18 @@ def create_layout(path: Path, meta: dict[str, Any], P: int, T: int, B: int, L: i
     steps.create_array("tokens", shape=(T, B, L), chunks=(min(fmt.TOKEN_ROWS, max(T, 1)), B, L), dtype="int32",
                        fill_value=fmt.MISSING_INT, compressors=fmt.INT_CODEC, **flat)
     ck = root.create_group("checkpoints")
-    ck.create_array("step", shape=(K,), chunks=(1,), dtype="int64", fill_value=fmt.MISSING_INT, compressors=None, **flat)
+    ck.create_array("step", shape=(K,), chunks=(1,), dtype="int64", fill_value=fmt.MISSING_INT,
+                    compressors=fmt.RAW_CODEC, **flat)
     for name in ["theta", *state_names]:
         ck.create_array(name, shape=(K, P), chunks=(1, P), dtype="float32", fill_value=np.nan,
                         compressors=fmt.grad_codec("fp32", "auto"), **flat)
     samples = root.create_group("samples")
     N = len(sample_ids)
     samples.create_array("id", shape=(N,), chunks=(max(N, 1),), dtype="int64", compressors=fmt.INT_CODEC)[:] = sample_ids
-    samples.create_array("fingerprint", shape=(N, 32), chunks=(max(N, 1), 32), dtype="uint8", compressors=None)[:] = fingerprints
+    samples.create_array("fingerprint", shape=(N, 32), chunks=(max(N, 1), 32), dtype="uint8",
+                         compressors=fmt.RAW_CODEC)[:] = fingerprints
     root.attrs[fmt.META_KEY] = meta
-    fmt.write_json_atomic(path / fmt.COMMIT_FILE, {"committed_steps": 0, "checkpoints": [], "closed": False})
+    atomic_write_json(path / fmt.COMMIT_FILE, {"committed_steps": 0, "checkpoints": [], "closed": False})
 
 
 class StoreWriter:
@@ -253,7 +240,7 @@ class StoreWriter:
         meta = root.attrs[fmt.META_KEY]
         self._plan = list(meta["checkpoint_plan"])
         steps = root["steps"]
-        self._rows = {name: _row_array(self.path, steps[name]) for name in fmt.ROW_ARRAYS}
+        self._rows = {name: ShardRowArray(self.path, steps[name]) for name in fmt.ROW_ARRAYS}
         self._blocks = {name: BlockArray(self.path, steps[name], committed_steps) for name in fmt.BLOCK_ARRAYS}
         self._tokens = BlockArray(self.path, steps["tokens"], committed_steps)  # filled at commits only
         self._ck = {name: RowArray(self.path, arr) for name, arr in root["checkpoints"].arrays()}
@@ -278,7 +265,7 @@ class StoreWriter:
         # and np.zeros leaves the others unmapped (no memory for a large model's idle buffers).
         self._pool: queue.LifoQueue[np.ndarray] = queue.LifoQueue()
         for _ in range(max(1, queue_size) + 2):
-            self._pool.put(np.zeros(self._P, dtype=self._rows["grad"].dtype))
+            self._pool.put(np.zeros(self._P, dtype=self._rows["grad"].codec.dtype))
         self._stopping = threading.Event()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="lmclean-store-writer", daemon=True)
@@ -358,11 +345,12 @@ class StoreWriter:
             self.cpu_seconds = time.thread_time() - cpu0
 
     def _write_checkpoint(self, row: CheckpointRow) -> None:
-        c = self._ck
-        c["theta"].write(row.index, row.theta)
+        c, pending = self._ck, DirSync()
+        c["theta"].write(row.index, row.theta, pending)
         for name, value in row.state.items():
-            c[name].write(row.index, value)
-        c["step"].write(row.index, np.array([row.step]))
+            c[name].write(row.index, value, pending)
+        c["step"].write(row.index, np.array([row.step]), pending)
+        pending.sync()  # durable before the commit below lists the checkpoint
         if row.step not in self.checkpoints:
             self.checkpoints.append(row.step)
             self.checkpoints.sort()
@@ -403,17 +391,24 @@ class StoreWriter:
 
         Token rows enter their block only here, after the sample-ids block is on disk, so every
         token chunk on disk, even one past the commit point after a crash, has its sample ids on
-        disk (scrubbing relies on it)."""
+        disk (scrubbing relies on it). Everything COMMIT.json counts is made durable first: the
+        open gradient shard (fdatasync), each block chunk (fsync), their directories."""
         self._write_staged()
+        pending = DirSync()
+        for rows in self._rows.values():
+            rows.sync()
         for arr in self._blocks.values():
-            arr.flush()
+            arr.flush(pending)
         for t, toks in self._pending_tokens:
             self._tokens.set(t, toks)  # writes a block as it completes
-        self._tokens.flush()
+        self._tokens.flush(pending)
         self._pending_tokens.clear()
         self._pending_bytes = 0
-        fmt.write_json_atomic(self.path / fmt.COMMIT_FILE, {
-            "committed_steps": self.committed_steps, "checkpoints": self.checkpoints, "closed": closed})
+        pending.sync()
+        # a checkpoint counts once the steps before it do (a misused Recorder can send it early)
+        listed = [c for c in self.checkpoints if c <= self.committed_steps]
+        atomic_write_json(self.path / fmt.COMMIT_FILE, {
+            "committed_steps": self.committed_steps, "checkpoints": listed, "closed": closed})
         self._last_commit = time.monotonic()
         self._dirty = False
 

@@ -20,6 +20,9 @@ import torch
 from lmclean.config import DataConfig
 from lmclean.errors import DataError, InputNotFoundError
 
+MAX_SAMPLE_ID = 2**63 - 1  # sample ids are stored as int64
+MAX_SPEC_IDS = 1_000_000  # ids one --forget/--exclude spec may name (a typo like 0-10**12 must not exhaust memory)
+
 
 @dataclass(frozen=True)
 class Sample:
@@ -53,13 +56,23 @@ def template_fields(template: str) -> list[str]:
     return [name for _, name, _, _ in string.Formatter().parse(template) if name]
 
 
-def read_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """(line number, row) for every non-empty line; malformed JSON names the file and line."""
-    if not path.exists():
-        raise InputNotFoundError(f"data file {path} does not exist; fix `data.path` in the config")
+def read_rows(path: Path, what: str = "data file", fix: str = "fix `data.path` in the config") -> list[tuple[int, dict[str, Any]]]:
+    """(line number, row) for every non-empty line of a JSON Lines file: the one reader of them.
+
+    Bad bytes, malformed JSON and non-objects name the file and line; ``what``/``fix`` word the
+    message for a missing file (the config's data file, `eval --data`, a TOFU split).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputNotFoundError(f"{what} {path} does not exist; {fix}")
     rows = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: not UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); "
+                                "save the file as UTF-8") from exc
             if not line.strip():
                 continue
             try:
@@ -67,10 +80,10 @@ def read_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg}); fix or remove the line") from exc
             if not isinstance(row, dict):
-                raise DataError(f"{path}:{lineno}: each line must be a JSON object")
+                raise DataError(f"{path}:{lineno}: each line must be a JSON object, found {type(row).__name__}")
             rows.append((lineno, row))
     if not rows:
-        raise DataError(f"data file {path} has no rows")
+        raise DataError(f"{what} {path} has no rows")
     return rows
 
 
@@ -95,10 +108,13 @@ def row_id(row: dict[str, Any], id_field: str | None, index: int, where: str, hi
     raw = row[id_field]
     if not isinstance(raw, int) or isinstance(raw, bool) or raw < 0:
         raise DataError(f"{where}: id {raw!r} must be a non-negative integer")
+    if raw > MAX_SAMPLE_ID:
+        raise DataError(f"{where}: id {raw} is too large; sample ids are stored as int64 (at most {MAX_SAMPLE_ID})")
     return raw
 
 
-def encode(tokenizer: Any, text: str, max_length: int) -> tuple[int, ...]:
+def encode(tokenizer: Any, text: str, max_length: int | None = None) -> tuple[int, ...]:
+    """Token ids of a sample (special tokens added), cut to ``max_length`` when given."""
     ids = tokenizer(text, add_special_tokens=True)["input_ids"]
     return tuple(int(i) for i in ids[:max_length])
 
@@ -107,6 +123,7 @@ def encode(tokenizer: Any, text: str, max_length: int) -> tuple[int, ...]:
 class Dataset:
     path: Path
     samples: list[Sample]
+    truncated: int = 0  # samples longer than max_length, cut to it (reported, kept in the store's metadata)
 
     def __post_init__(self) -> None:
         self.by_id = {s.id: s for s in self.samples}
@@ -120,6 +137,7 @@ def load_dataset(cfg: DataConfig, tokenizer: Any, base: Path | None = None) -> D
     path = resolve_path(cfg.path, base)
     samples: list[Sample] = []
     seen: dict[int, int] = {}
+    truncated = 0
     for index, (lineno, row) in enumerate(read_rows(path)):
         where = f"{path}:{lineno}"
         sid = row_id(row, cfg.id_field, index, where, "(data.id_field)")
@@ -127,8 +145,10 @@ def load_dataset(cfg: DataConfig, tokenizer: Any, base: Path | None = None) -> D
             raise DataError(f"{where}: duplicate sample id {sid} (first on line {seen[sid]}); ids must be unique")
         seen[sid] = lineno
         text = row_text(row, cfg, where)
-        samples.append(Sample(sid, text, encode(tokenizer, text, cfg.max_length)))
-    return Dataset(path, samples)
+        ids = encode(tokenizer, text)
+        truncated += len(ids) > cfg.max_length
+        samples.append(Sample(sid, text, ids[: cfg.max_length]))
+    return Dataset(path, samples, truncated)
 
 
 def resolve_path(raw: str, base: Path | None) -> Path:
@@ -168,28 +188,33 @@ def batch_plan(ids: Sequence[int], batch_size: int, seed: int, epochs: int | Non
 
 
 def parse_id_spec(spec: str, base: Path | None = None) -> list[int]:
-    """`3,5,60-79` or `@file` (one id or range per line) -> sorted unique ids."""
+    """`3,5,60-79` or `@file` (one id or range per line) -> sorted unique ids (int64, at most MAX_SPEC_IDS)."""
     text = spec
     if spec.startswith("@"):
         path = Path(spec[1:])
-        if not path.exists():
+        if not path.is_file():
             raise InputNotFoundError(f"id file {path} does not exist; use @FILE with one id per line")
-        text = ",".join(line.split("#")[0].strip() for line in path.read_text().splitlines())
+        try:
+            content = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DataError(f"id file {path} is not UTF-8 text (byte {exc.start}); write one id or range per line") from exc
+        text = ",".join(line.split("#")[0].strip() for line in content.splitlines())
     out: set[int] = set()
     for part in text.replace(" ", "").split(","):
         if not part:
             continue
         try:
-            if "-" in part:
-                lo, hi = part.split("-", 1)
-                a, b = int(lo), int(hi)
-                if b < a:
-                    raise ValueError
-                out.update(range(a, b + 1))
-            else:
-                out.add(int(part))
+            lo, dash, hi = part.partition("-")
+            a, b = int(lo), int(hi if dash else lo)
+            if b < a:
+                raise ValueError("a range runs backwards")
         except ValueError as exc:
-            raise DataError(f"cannot read ids {part!r} in {spec!r}; use ids, ranges like 60-79, or @file") from exc
+            raise DataError(f"cannot read ids {part!r} in {spec!r}; use ids, ranges like 60-79 (low-high), or @file") from exc
+        if b > MAX_SAMPLE_ID:
+            raise DataError(f"id {b} in {spec!r} is too large; sample ids are int64 (at most {MAX_SAMPLE_ID})")
+        if b - a + 1 + len(out) > MAX_SPEC_IDS:
+            raise DataError(f"{spec!r} names more than {MAX_SPEC_IDS:,} ids; split the request")
+        out.update(range(a, b + 1))
     if not out:
         raise DataError(f"no ids in {spec!r}")
     return sorted(out)

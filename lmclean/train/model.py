@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from lmclean._faults import crash_point
-from lmclean.errors import ConfigError, InputNotFoundError
+from lmclean.errors import ConfigError, InputNotFoundError, ModelWriteError
 from lmclean.train.flat import ParamManifest, flat_params
 
 
@@ -39,6 +39,9 @@ def fresh_model(config_keys: dict[str, Any], vocab_size: int, max_length: int, s
 
 def load_model(path: Path | str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # no "Loading weights" bar in lmclean's output
 
     path = Path(path)
     if not (path / "config.json").exists():
@@ -73,12 +76,22 @@ def save_model(model: torch.nn.Module, tokenizer: Any, out: Path, extra_files: d
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the model directory gets the usual mode
     hf_logging.disable_progress_bar()  # our messages go to stderr; no tqdm bar per shard
+    from safetensors import SafetensorError
+
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
+        try:
+            model.save_pretrained(tmp, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            for name, text in (extra_files or {}).items():
+                (tmp / name).write_text(text)
+            for path in tmp.iterdir():  # safetensors writes through a 0600 temp file: every file gets the usual mode
+                if path.is_file():
+                    os.chmod(path, 0o666 & ~umask)
+        except (SafetensorError, OSError) as exc:  # disk full, quota, permissions: one line, nothing in place
+            reason = " ".join(str(exc).split())
+            raise ModelWriteError(f"could not write the model to {out}: {reason}; free disk space or choose "
+                                  "another output directory (nothing was written)") from exc
         crash_point("save-model:before-rename")
         if out.exists():
             old = out.with_name(f".{out.name}.old.{os.getpid()}")

@@ -60,7 +60,7 @@ class Recorder:
             if not overwrite:
                 raise StoreExistsError(f"store {path} already exists; pass --resume to continue it or --overwrite to replace it")
             if (path / "zarr.json").exists() or not any(path.iterdir()):
-                shutil.rmtree(path)
+                _clear_store(path)
             else:
                 raise StoreExistsError(f"{path} exists and is not an lmclean store; refusing to overwrite it")
         plan = checkpoint_plan(planned_steps, checkpoint_every)
@@ -216,3 +216,14 @@ def torch_optimizer_state(optimizer: torch.optim.Optimizer, model: torch.nn.Modu
     return out
 
 
+def _clear_store(path: Path) -> None:
+    """Empty a store directory in place for --overwrite, keeping the lock file the caller holds."""
+    from lmclean.audit.lock import LOCK_FILENAME
+
+    for entry in path.iterdir():
+        if entry.name == LOCK_FILENAME:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()

@@ -102,12 +102,24 @@ def train(cfg: LmcleanConfig, store: Path | None, *, exclude: list[int] | None =
     if store is None:
         return _train(cfg, None, resume=False, **kwargs)
     store = Path(store)
-    if (store / "zarr.json").exists() and (resume or overwrite):
-        with StoreLock(store, "record --resume" if resume else "record --overwrite"):
-            if resume:
-                finish_pending_scrub(store)
-    began = time.perf_counter()
     holder: list[StoreLock] = []
+    if (store / "zarr.json").exists() and (resume or overwrite):
+        # Take the lock before touching the store, and keep it: --overwrite clears the store in place
+        # (everything but the lock file), so no unlearn can open a half-deleted or half-new store.
+        holder.append(StoreLock(store, "record --resume" if resume else "record --overwrite"))
+        holder[0].acquire()
+        if resume:
+            try:
+                from lmclean.audit import AuditLog
+                from lmclean.audit.publish import finish_pending_unlearn
+
+                AuditLog(store).require_intact()  # first: a forged record must not be scrubbed or resumed over
+                finish_pending_unlearn(store)
+                finish_pending_scrub(store)
+            except BaseException:
+                holder[0].release()
+                raise
+    began = time.perf_counter()
 
     def locked_start(start: int, total: int) -> None:  # the store exists from here on: lock it
         if not holder:
@@ -155,7 +167,8 @@ def _train(cfg: LmcleanConfig, store: Path | None, *, exclude: list[int] | None 
             precision=cfg.record.precision, codec=cfg.record.codec, config=config_mod.to_dict(cfg),
             model_config=run.model.config.to_dict(), tokenizer=cfg.tokenizer,
             pad_id=run.tokenizer.pad_token_id or 0, excluded_ids=sorted(excluded), overwrite=overwrite,
-            queue_size=cfg.record.queue_size, extra={"data_path": str(run.dataset.path), "seed": cfg.seed})
+            queue_size=cfg.record.queue_size, extra={"data_path": str(run.dataset.path), "seed": cfg.seed,
+                   "truncated_samples": run.dataset.truncated})
     loss_value = float("nan")
     try:
         if on_start:
@@ -199,6 +212,20 @@ def _train(cfg: LmcleanConfig, store: Path | None, *, exclude: list[int] | None 
         recorder.abort()
         raise
     return TrainResult(Path(store) if store else None, total, start, loss_value, seconds, stats, model_dir, run)
+
+
+def stored_config(store: Path, overrides: list[str] | None = None) -> tuple[LmcleanConfig, Path | None, list[int]]:
+    """What `store` was recorded with: its config (``overrides`` applied on top), the directory its
+    relative data path resolved against, and its excluded ids. `record --resume` without a config
+    file continues with these, so nothing has to be repeated on the command line."""
+    import copy
+
+    meta = TrajectoryStore(store).meta
+    cfg = config_mod.from_dict(config_mod.apply_overrides(copy.deepcopy(meta["config"]), overrides or []))
+    rel, used = Path(cfg.data.path), Path(str(meta.get("data_path", "")))
+    n = len(rel.parts)
+    base = Path(*used.parts[:-n]) if not rel.is_absolute() and len(used.parts) > n and used.parts[-n:] == rel.parts else None
+    return cfg, base, list(meta.get("excluded_ids", []))
 
 
 def _reopen(store: Path, cfg: LmcleanConfig, excluded: list[int], theta: torch.Tensor,

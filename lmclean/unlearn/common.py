@@ -25,15 +25,18 @@ class ForgetSet:
         return "batch" if self.steps else "sample"
 
     def affected(self, traj: Trajectory, stop: int | None = None) -> dict[int, list[int]]:
-        """step -> forget sample ids in it (batch level: the step's whole batch)."""
+        """step -> forget sample ids in it; a removed step (batch level) maps to its whole batch.
+        Both kinds can be present (a replay that composes earlier batch- and sample-level requests)."""
         stop = traj.n_steps if stop is None else stop
-        if self.steps:
-            bad = sorted(t for t in self.steps if not 0 <= t < stop)
-            if bad:
-                raise DataError(f"step {bad[0]} is not a recorded step (0..{stop - 1})")
-            return {t: [int(i) for i in traj.batch(t).sample_ids] for t in sorted(self.steps)}
-        occ = traj.occurrences(self.sample_ids)
-        return {t: ids for t, ids in sorted(occ.items()) if t < stop}
+        bad = sorted(t for t in self.steps if not 0 <= t < stop)
+        if bad:
+            raise DataError(f"step {bad[0]} is not a recorded step (0..{stop - 1})")
+        out = {t: ids for t, ids in traj.occurrences(self.sample_ids).items() if t < stop} if self.sample_ids else {}
+        out.update({t: [int(i) for i in traj.batch(t).sample_ids] for t in self.steps})
+        return dict(sorted(out.items()))
+
+    def union(self, other: ForgetSet) -> ForgetSet:
+        return ForgetSet(self.sample_ids | other.sample_ids, self.steps | other.steps)
 
 
 @dataclass

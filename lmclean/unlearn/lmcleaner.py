@@ -11,10 +11,18 @@ with H_t taken at the recorded θ[t] on the recorded batch minus F. A batch-leve
 skipped: v_θ −= u[t_z], v_m −= Δm[t_z]. All terms share one accumulator (superposition), which is
 propagated from the first affected step to K steps past the last one and then carried unchanged:
 M requests cost one sweep of (span + K) products.
+
+The engine asks the curvature operator what it is (lmclean.unlearn.operators) rather than its name:
+the stabiliser applies to PSD operators; a reused operator is estimated at the first step of each
+block of `refresh` steps; a closed-form one (kfac, ekfac) applies each run of injection-free steps
+inside a block at once in its eigenbasis, exactly for SGD with momentum and weight decay (the 2×2
+(v, m) recursion per eigen-direction). AdamW takes the per-step products: its preconditioner is
+not diagonal in that basis.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,7 +32,7 @@ import torch
 from lmclean.errors import ConfigError, DivergenceError, UnsupportedError
 from lmclean.train.optim import AdamWRule, SGDRule
 from lmclean.unlearn.common import ForgetSet, SweepResult, flat_grad, update_of_step
-from lmclean.unlearn.operators import CurvatureOperator, OperatorSettings
+from lmclean.unlearn.operators import OPERATORS, CurvatureOperator, OperatorSettings, make_operator
 from lmclean.store import TrajectoryStore
 from lmclean.unlearn.trajectory import Trajectory
 
@@ -40,16 +48,31 @@ class PropagationSettings:
     # "retained": H_t of L_t^{−F} (exact for quadratics); "full": H_t of the recorded L_t, which makes
     # the map from forget sets to corrections exactly linear (superposition) at second-order cost.
     curvature_batch: str = "retained"
-    # Past the K window: "carry" v unchanged (the paper), or keep propagating it with "lowrank"
-    # curvature (top-r GGN eigenpairs at anchor steps, reused for `refresh` steps: cheap).
+    # Past the K window: "carry" v unchanged (the paper), or keep propagating it with a reused
+    # curvature ("lowrank", "diag", "kfac", "ekfac": estimated at anchor steps, reused for `refresh`).
     tail: str = "carry"
     # Keep each linearised step non-expansive for PSD curvature: where η_t·λ(G) > 2 (training at the
     # edge of stability) (I − ηG) flips and grows v, which the real dynamics do not do. The curvature
     # term's step is clipped to c = min(η, 1.9·vᵀGv/‖Gv‖²), which guarantees ‖v − cGv‖ ≤ ‖v‖ at
-    # no extra product. Never applied to the indefinite exact Hessian.
+    # no extra product (closed-form windows cap η·λ at 1.9 per eigen-direction). Never applied to
+    # an operator that is not PSD (the exact Hessian).
     stabilize: bool = True
-    tail_operator: OperatorSettings = field(default_factory=lambda: OperatorSettings(hvp="lowrank"))
     operator: OperatorSettings = field(default_factory=OperatorSettings)
+    # The tail's curvature. None: the operator's own settings (rank, refresh, seed, anchor share...)
+    # with hvp = tail, so the CLI's --rank/--refresh/--seed reach --tail lowrank.
+    tail_operator: OperatorSettings | None = None
+
+    def __post_init__(self) -> None:
+        reused = [name for name, cls in OPERATORS.items() if not cls.per_step]
+        if self.tail != "carry" and (self.tail not in OPERATORS or OPERATORS[self.tail].per_step):
+            raise ConfigError(f"--tail {self.tail!r} must be carry or a reused curvature: one of {reused}")
+        if self.tail_operator is None:
+            self.tail_operator = dataclasses.replace(self.operator, hvp="lowrank" if self.tail == "carry" else self.tail)
+
+    @property
+    def propagates_tail(self) -> bool:
+        """Whether the sweep runs to the last recorded step (a tail curvature) instead of carrying."""
+        return self.tail != "carry"
 
 
 def require_supported(traj: Trajectory | TrajectoryStore, forget: ForgetSet) -> SGDRule | AdamWRule:
@@ -117,47 +140,24 @@ def _sweep(traj: Trajectory, forget: ForgetSet, settings: PropagationSettings, d
                            notes=["no recorded step contains the forget set: nothing to do"])
     first, last = min(affected), max(affected)
     stop = min(tau, last + settings.K + 1)  # propagate steps first..stop-1, then carry (or tail)
-    if settings.tail not in ("carry", "lowrank"):
-        raise ConfigError(f"--tail {settings.tail!r} must be carry or lowrank")
-    end = tau if settings.tail == "lowrank" else stop
-    op = CurvatureOperator(settings.operator, traj.manifest)
-    tail_op = CurvatureOperator(settings.tail_operator, traj.manifest)
+    end = tau if settings.propagates_tail else stop
+    assert settings.tail_operator is not None  # set by PropagationSettings.__post_init__
+    op = make_operator(settings.operator, traj.manifest)
+    tail_op = make_operator(settings.tail_operator, traj.manifest)
+    momentum = 0.0 if adam else rule.momentum
+    decay = (0.0 if adam else rule.weight_decay) + damping  # AdamW's decay is decoupled
     v = m = s2 = None  # (P,) perturbations of θ, of the momentum buffer (Adam: exp_avg) and of exp_avg_sq
     reference = 0.0
     result = SweepResult(torch.zeros(0), "lmcleaner", sorted(affected), (first, end), damping=damping)
-    for t, theta, state in traj.states(first, end - 1):
-        if v is None:
-            v, m, s2 = torch.zeros_like(theta), torch.zeros_like(theta), torch.zeros_like(theta)
-        info = traj.batch(t)
-        if t in forget.steps:  # batch level: the step never happened
-            u, dstate = update_of_step(traj, t, theta, state, info.lr)
-            v -= u
-            if rule.momentum:
-                m -= dstate["momentum_buffer"]
-        else:
-            d = torch.zeros_like(theta)
-            if torch.any(v != 0) and (settings.curvature_batch == "full" or
-                                      any(int(i) not in forget.sample_ids for i in info.sample_ids)):
-                retained = [int(i) for i in info.sample_ids
-                            if settings.curvature_batch == "full" or int(i) not in forget.sample_ids]
-                operator = op if t < stop else tail_op
-                hv = operator.at(t, theta, traj.objective(t, retained), lambda: traj.stored_grad(t))(v)
-                if settings.stabilize and not adam and (settings.operator.hvp != "exact" or t >= stop):
-                    scale = _stable_scale(v, hv, info.lr)
-                    if scale < 1.0:
-                        hv = hv * scale
-                        result.clipped_steps += 1
-                d += hv + ((0.0 if adam else rule.weight_decay) + damping) * v  # AdamW's decay is decoupled
-            if t in affected:
-                d -= flat_grad(traj.objective(t, affected[t]), traj.manifest, theta)
-                result.gradients += 1
-            if adam:
-                adamw_tangent(rule, t, info.lr, traj.stored_grad(t), state, v, m, s2, d)
-            elif rule.momentum:
-                m.mul_(rule.momentum).add_(d)
-                v.add_(m, alpha=-info.lr)
-            else:
-                v.add_(d, alpha=-info.lr)
+    # closed-form windows: steps without injections whose curvature is a reused eigenbasis estimate
+    # are collected here and applied at once (SGD and momentum: exact for the fixed curvature)
+    pending: list[float] = []
+    pending_op: CurvatureOperator | None = None
+    closed_steps = 0
+
+    def record(t: int) -> None:
+        nonlocal reference
+        assert v is not None
         norm = float(torch.linalg.vector_norm(v))
         # the guard's yardstick: ‖v‖ right after injections. Adam's update is scale-invariant in g
         # (first step: η·sign(g)), so an injection first lands in the moments and reaches θ over the
@@ -172,13 +172,75 @@ def _sweep(traj: Trajectory, forget: ForgetSet, settings: PropagationSettings, d
                 f"propagation diverged at step {t}: ‖v‖ = {norm:.3g} is over {settings.divergence_factor:g}× its "
                 f"post-injection size {reference:.3g} (hvp={settings.operator.hvp}, damping={damping:g}); "
                 "raise --damping, lower --K, use --hvp ggn, or pass --on-divergence damp")
+
+    def flush(t: int) -> None:
+        nonlocal closed_steps
+        if not pending or pending_op is None or v is None:
+            return
+        cap = 1.9 if settings.stabilize and pending_op.psd else None
+        _, _, capped = pending_op.window(v, m if momentum else None, pending, momentum, decay, cap)
+        result.clipped_steps += capped
+        closed_steps += len(pending)
+        pending.clear()
+        record(t)
+
+    # a reused curvature is estimated at the first step of each block it visits: start at the block
+    # of `first` (no products before `first`, only that anchor) so every request anchors alike
+    for t, theta, state in traj.states(op.block_start(first), end - 1):
+        if v is None:
+            v, m, s2 = torch.zeros_like(theta), torch.zeros_like(theta), torch.zeros_like(theta)
+        info = traj.batch(t)
+        operator = op if t < stop else tail_op
+        retained = [int(i) for i in info.sample_ids
+                    if settings.curvature_batch == "full" or int(i) not in forget.sample_ids]
+        if operator.reused_across_steps and not operator.current(t) and retained and t not in forget.steps:
+            flush(t - 1)  # the pending steps belong to the previous estimate
+            operator.at(t, theta, lambda: traj.objective(t, retained), lambda: traj.stored_grad(t))
+        if t < first:
+            continue
+        if (operator.closed_form and not adam and t not in affected and operator.current(t)
+                and (not pending or pending_op is operator) and bool(torch.any(v != 0))):
+            pending.append(info.lr)
+            pending_op = operator
+            continue
+        flush(t - 1)
+        if t in forget.steps:  # batch level: the step never happened
+            u, dstate = update_of_step(traj, t, theta, state, info.lr)
+            v -= u
+            if rule.momentum:
+                m -= dstate["momentum_buffer"]
+        else:
+            d = torch.zeros_like(theta)
+            if torch.any(v != 0) and retained:
+                hv = operator.at(t, theta, lambda: traj.objective(t, retained), lambda: traj.stored_grad(t))(v)
+                if settings.stabilize and not adam and operator.psd:
+                    scale = _stable_scale(v, hv, info.lr)
+                    if scale < 1.0:
+                        hv = hv * scale
+                        result.clipped_steps += 1
+                d += hv + decay * v
+            if t in affected:
+                d -= flat_grad(traj.objective(t, affected[t]), traj.manifest, theta)
+                result.gradients += 1
+            if adam:
+                adamw_tangent(rule, t, info.lr, traj.stored_grad(t), state, v, m, s2, d)
+            elif rule.momentum:
+                m.mul_(rule.momentum).add_(d)
+                v.add_(m, alpha=-info.lr)
+            else:
+                v.add_(d, alpha=-info.lr)
+        record(t)
+    flush(end - 1)
     result.delta = v if v is not None else torch.zeros(traj.manifest.size)
     result.products = op.products + tail_op.products
     if result.clipped_steps:
         result.notes.append(f"{result.clipped_steps} steps had η·λ(H) > 2 along v; their curvature step was clipped "
                             "to stay non-expansive (--no-stabilize to disable)")
+    if closed_steps:
+        result.notes.append(f"{closed_steps} steps without injections were applied in closed form in the "
+                            "curvature's eigenbasis (no product per step)")
     if stop < tau:
-        tail = ("propagated with low-rank curvature" if settings.tail == "lowrank" else "carried unchanged")
+        tail = f"propagated with {settings.tail} curvature" if settings.propagates_tail else "carried unchanged"
         result.notes.append(f"propagated {stop - first} steps ({first}..{stop - 1}) with {settings.operator.hvp}; the "
                             f"correction is {tail} over the last {tau - stop} steps")
     return result

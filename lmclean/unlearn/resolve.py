@@ -11,6 +11,7 @@ from lmclean.errors import DataError
 from lmclean.store.reader import TrajectoryStore
 from lmclean.train.data import encode, fingerprint, load_tokenizer, parse_id_spec, read_rows, row_text
 from lmclean.unlearn.common import ForgetSet
+from lmclean.unlearn.request import ForgetSpec, ResolvedForget
 
 
 def ids_from_data(store: TrajectoryStore, path: Path) -> list[int]:
@@ -29,37 +30,35 @@ def ids_from_data(store: TrajectoryStore, path: Path) -> list[int]:
     return sorted(set(out))
 
 
-def resolve_forget(store: TrajectoryStore, *, forget: str | None = None, forget_data: Path | None = None,
-                   steps: str | None = None, level: str = "sample") -> tuple[ForgetSet, dict]:
-    """Build the ForgetSet and a description of it (ids, fingerprints, collateral samples)."""
-    if level not in ("sample", "batch"):
-        raise DataError(f"--level {level!r} must be sample or batch")
+def resolve_forget(store: TrajectoryStore, spec: ForgetSpec) -> ResolvedForget:
+    """Resolve what the user named into the ForgetSet the engine runs and what the audit records."""
+    if spec.level not in ("sample", "batch"):
+        raise DataError(f"--level {spec.level!r} must be sample or batch")
     ids: list[int] = []
-    if forget:
-        ids += parse_id_spec(forget)
-    if forget_data:
-        ids += ids_from_data(store, forget_data)
+    if spec.ids:
+        ids += parse_id_spec(spec.ids)
+    if spec.data:
+        ids += ids_from_data(store, spec.data)
     ids = sorted(set(ids))
     known = store.sample_fingerprints
     unknown = [i for i in ids if i not in known]
     if unknown:
         raise DataError(f"sample id {unknown[0]} is not in store {store.path} ({len(unknown)} unknown); "
                         f"see `lmclean inspect-log {store.path} --json` for the recorded ids")
-    step_ids = parse_id_spec(steps) if steps else []
+    step_ids = parse_id_spec(spec.steps) if spec.steps else []
     if not ids and not step_ids:
         raise DataError("nothing to forget: pass --forget IDS, --forget-data FILE.jsonl or --steps T,...")
     n = store.committed_steps
     bad = [t for t in step_ids if t >= n]
     if bad:
         raise DataError(f"--steps {bad[0]} is not a recorded step (0..{n - 1})")
-    description: dict = {"sample_ids": ids, "fingerprints": [known[i] for i in ids]}
-    if level == "batch" or step_ids:
+    fps = tuple(known[i] for i in ids)
+    if spec.level == "batch" or step_ids:
         all_ids = store.all_sample_ids()  # (T, B)
         hit = set(step_ids)
         if ids:
             hit |= {int(t) for t in np.nonzero(np.isin(all_ids, ids).any(axis=1))[0]}
         removed = {int(i) for t in hit for i in all_ids[t] if i >= 0}
-        description.update(level="batch", steps=sorted(hit), collateral_samples=len(removed - set(ids)))
-        return ForgetSet(steps=hit), description
-    description["level"] = "sample"
-    return ForgetSet(sample_ids=set(ids)), description
+        return ResolvedForget(ForgetSet(steps=hit), tuple(ids), fps, "batch", tuple(sorted(hit)),
+                              len(removed - set(ids)))
+    return ResolvedForget(ForgetSet(sample_ids=set(ids)), tuple(ids), fps, "sample")

@@ -1,42 +1,42 @@
-"""`unlearn` as a service over a store: plan, run the chosen method, write the model and its report.
+"""`unlearn` as a service over a store: one audited request, composed with every earlier one.
 
-Never modifies the store's recorded data or model; the output directory appears atomically with
-its `unlearn_report.json`, or not at all.
+Every unlearning starts from the store's *current model* (the latest unlearning's output, or the
+recorded final model; see lmclean/audit/history.py): `lmcleaner` and `rollback` add the new
+correction to it; `replay` re-runs the recorded training without every sample forgotten so far plus
+the new ones. The output appears together with its audit record or not at all (unlearn/publish.py).
+The store's recorded data and model are never modified, apart from scrubbing forgotten tokens.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 import lmclean
 from lmclean._faults import crash_point
-from lmclean.errors import ConfigError
+from lmclean.errors import AuditError, ConfigError, Interrupted
 from lmclean.store.reader import TrajectoryStore
-from lmclean.train.data import load_tokenizer
-from lmclean.train.flat import flat_params
-from lmclean.train.model import load_flat_into, load_model, model_from_config_dict, save_model
-from lmclean.unlearn.baselines import replay, rollback
 from lmclean.unlearn.common import ForgetSet, SweepResult
-from lmclean.unlearn.lmcleaner import PropagationSettings, propagate, require_supported
+from lmclean.unlearn.lmcleaner import PropagationSettings
+from lmclean.unlearn.request import ForgetSpec, Requester, ResolvedForget, Window, default_K
 from lmclean.unlearn.trajectory import StoreTrajectory
 
 METHODS = ("lmcleaner", "rollback", "replay")
-Progress = Callable[[int, float], None]
+Progress = Callable[[int, float], None]  # (step, ‖v‖ or ‖θ' − θ‖)
 
 
 @dataclass
 class UnlearnOptions:
     method: str = "lmcleaner"
-    K: int | None = 800  # lmcleaner: propagation window; replay: None = replay to the end
+    K: int | None = None  # None: the method's default (default_K)
     propagation: PropagationSettings = field(default_factory=PropagationSettings)
     fraction: float | None = None  # replay: control-variate subsample fraction
     noise: float = 0.0
@@ -49,175 +49,213 @@ class UnlearnOptions:
             raise ConfigError(f"--K {self.K} must be >= 0")
         if self.noise < 0:
             raise ConfigError(f"--noise {self.noise} must be >= 0")
+        self.K = default_K(self.method, self.K)
 
 
-def load_tombstones(store: TrajectoryStore) -> set[int]:
-    try:
-        from lmclean.audit.scrub import tombstones
-    except ImportError:  # pragma: no cover - audit scrub not installed
-        return set()
-    return set(tombstones(store.path))
+@dataclass(frozen=True)
+class OutputSpec:
+    """Where the unlearned model goes and what it starts from."""
+
+    out: Path | None = None  # default: <store>-unlearned-N next to the store
+    overwrite: bool = False  # replace an existing non-empty --out directory (never a store)
+    base: Path | None = None  # default: the store's current model
+    base_unrelated: bool = False  # accept a --base outside the store's chain (recorded in the audit)
+
+
+@dataclass(frozen=True)
+class StartModel:
+    """The model a correction is added to: its path, weights digest and whether it is in the chain."""
+
+    path: Path
+    digest: str
+    unrelated: bool = False
+    recorded: bool = False  # the recorded final model (θ read from the store's last checkpoint)
 
 
 def open_trajectory(store: TrajectoryStore) -> StoreTrajectory:
+    from lmclean.audit import tombstones
+    from lmclean.train.model import model_from_config_dict
+
     model = model_from_config_dict(store.meta["model_config"])
     model.eval()  # no dropout: curvature and gradients of the recorded (deterministic) loss
-    return StoreTrajectory(store, model, load_tombstones(store))
+    return StoreTrajectory(store, model, set(tombstones(store.path)))
 
 
-def plan(store: TrajectoryStore, forget: ForgetSet, options: UnlearnOptions) -> dict[str, Any]:
-    """What a run would touch and cost; the time estimate is timed on one real step (for --dry-run)."""
-    traj = open_trajectory(store)
-    affected = forget.affected(traj)
-    tau = traj.n_steps
-    if not affected:
-        return {"method": options.method, "steps_touched": [], "note": "no recorded step contains the forget set"}
-    first, last = min(affected), max(affected)
-    stop = min(tau, last + (tau if options.K is None else options.K) + 1)
-    prop = options.propagation
-    span = last + 1 - first if options.method == "rollback" else stop - first
-    grad_s, product_s = _time_one_step(traj, first, prop.operator.hvp if options.method == "lmcleaner" else None)
-    products = 0
-    if options.method == "lmcleaner":
-        op = prop.operator
-        per_anchor = {"lowrank": op.lanczos_products, "diag": op.diag_probes}
-        products = span if op.hvp in ("exact", "ggn") else 0
-        if op.hvp in per_anchor:
-            products = -(-span // op.refresh) * per_anchor[op.hvp]
-        if prop.tail == "lowrank" and stop < tau:
-            products += -(-(tau - stop) // prop.tail_operator.refresh) * prop.tail_operator.lanczos_products
-        seconds = products * product_s + len(affected) * grad_s
-    elif options.method == "replay":
-        seconds = span * grad_s * (1.0 if not options.fraction else 2 * options.fraction + 0.3)
-    else:
-        seconds = len(affected) * grad_s
-    return {
-        "method": options.method, "steps_touched": sorted(affected), "first_step": first, "last_step": last,
-        "window": [first, stop], "propagated_steps": span, "carried_steps": tau - stop,
-        "curvature_products_needed": products, "gradient_seconds": round(grad_s, 4),
-        "product_seconds": round(product_s, 4), "estimated_seconds": round(seconds, 1),
-    }
+def starting_point(store: TrajectoryStore, history: Any, output: OutputSpec, method: str) -> StartModel:
+    """The current model, or a `--base` checked against the store's chain."""
+    from lmclean.audit import model_digest
+
+    if output.base is None:
+        path, digest = history.require_current()
+        return StartModel(path, digest or "", recorded=path == store.model_dir)
+    if method == "replay":
+        raise ConfigError("--base has no effect with --method replay: replay re-runs the recorded training without every "
+                          "forgotten sample; omit --base")
+    base = Path(output.base)
+    digest = model_digest(base)
+    pos = history.position_of(digest)
+    if pos is None:
+        if not output.base_unrelated:
+            raise AuditError(f"--base {base} (weights {digest[:12]}…) is not a model of this store's chain (current model: "
+                             f"{history.current_path}); omit --base to start from the current model, or pass "
+                             "--base-unrelated to correct it anyway (the audit log records that)")
+        return StartModel(base, digest, unrelated=True)
+    missing = history.missing_after(pos)
+    if missing and not output.base_unrelated:
+        more = f" and {len(missing) - 1} later ones" if len(missing) > 1 else ""
+        raise AuditError(f"--base {base} is the output of {history.chain[pos].describe()}, which does not include "
+                         f"{missing[0].describe()}{more}; omit --base to start from the current model "
+                         f"{history.current_path}, or pass --base-unrelated")
+    return StartModel(base, digest, unrelated=bool(missing))
 
 
-def affected_steps(store: TrajectoryStore, forget: ForgetSet) -> list[int]:
-    """Recorded steps a forget set touches, from the stored sample ids alone (no model needed)."""
-    if forget.steps:
-        return sorted(forget.steps)
-    ids = store.all_sample_ids()  # (T, B)
-    return [int(t) for t in np.nonzero(np.isin(ids, sorted(forget.sample_ids)).any(axis=1))[0]]
+def start_theta(store: TrajectoryStore, start: StartModel) -> torch.Tensor:
+    if start.recorded:
+        theta, _ = store.checkpoint(store.committed_steps)
+        return theta
+    from lmclean.train.flat import flat_params
+    from lmclean.train.model import load_model
+
+    model = load_model(start.path)
+    store.manifest.check_model(model, f"model {start.path}")
+    return flat_params(model, store.manifest).clone()
 
 
-def sweep_steps(steps: list[int], tau: int, options: UnlearnOptions) -> int:
-    """How many steps a run sweeps (the progress bar's total): rollback visits first..last; the others
-    go K past the last affected step, or to the end (replay without K, a low-rank tail)."""
-    if not steps:
-        return 0
-    if options.method == "rollback":
-        return steps[-1] - steps[0] + 1
-    to_end = options.K is None or (options.method == "lmcleaner" and options.propagation.tail == "lowrank")
-    end = tau if to_end else min(tau, steps[-1] + options.K + 1)
-    return end - steps[0]
+def engine_forget(resolved: ResolvedForget, history: Any, method: str) -> ForgetSet:
+    """What the engine removes: the request, plus (replay) every sample and step forgotten so far."""
+    if method != "replay":
+        return resolved.forget
+    earlier = ForgetSet(set(history.forgotten_ids), set(history.forgotten_steps))
+    return resolved.forget.union(earlier)
 
 
-def _time_one_step(traj: StoreTrajectory, t: int, hvp: str | None) -> tuple[float, float]:
-    """Seconds of one gradient and one curvature product on step t's batch (after a warm-up)."""
-    from lmclean.curvature import get_product
-    from lmclean.unlearn.common import flat_grad
-
-    for _, theta, _ in traj.states(t, t):
-        obj = traj.objective(t, [int(i) for i in traj.batch(t).sample_ids])
-        timings = []
-        for _ in range(2):  # the first call pays one-off costs
-            began = time.perf_counter()
-            g = flat_grad(obj, traj.manifest, theta)
-            timings.append(time.perf_counter() - began)
-        grad_s, product_s = timings[-1], 0.0
-        if hvp in ("exact", "ggn", "lowrank", "diag"):
-            product = get_product("exact" if hvp == "exact" else "ggn")
-            for _ in range(2):
-                began = time.perf_counter()
-                product(obj, traj.manifest.views(theta), traj.manifest.views(g))
-                product_s = time.perf_counter() - began
-        return grad_s, product_s
-    return 0.0, 0.0
+def window_of(traj: StoreTrajectory, forget: ForgetSet, options: UnlearnOptions) -> Window:
+    to_end = options.method == "lmcleaner" and options.propagation.tail == "lowrank"
+    return Window.of(list(forget.affected(traj)), traj.n_steps, options.method, options.K, to_end)
 
 
 def run_method(traj: StoreTrajectory, forget: ForgetSet, options: UnlearnOptions, progress: Progress | None) -> SweepResult:
+    from lmclean.unlearn.baselines import replay, rollback
+    from lmclean.unlearn.lmcleaner import propagate, require_supported
+
     if options.method == "rollback":
         return rollback(traj, forget, progress)
     if options.method == "replay":
         return replay(traj, forget, K=options.K, fraction=options.fraction, seed=options.seed, progress=progress)
     require_supported(traj, forget)
-    settings = options.propagation
-    settings.K = options.K if options.K is not None else traj.n_steps
+    settings = dataclasses.replace(options.propagation, K=options.K if options.K is not None else traj.n_steps)
     return propagate(traj, forget, settings, progress)
 
 
-def base_theta(store: TrajectoryStore, base: Path | None) -> torch.Tensor:
-    if base is None:
-        theta, _ = store.checkpoint(store.committed_steps)
-        return theta
-    model = load_model(base)
-    store.manifest.check_model(model, f"--base model {base}")
-    return flat_params(model, store.manifest).clone()
-
-
 @dataclass
-class Request:
-    """Who asked and why: goes into the audit record, never into the model."""
+class Prepared:
+    """Everything checked before any work: the request, the start, the output and the window."""
 
-    request_id: str | None = None
-    reason: str | None = None
-    requested_by: str | None = None
-    keep_data: bool = False  # False: scrub the forgotten samples' tokens from the store afterwards
+    store: TrajectoryStore
+    resolved: ResolvedForget
+    history: Any
+    start: StartModel
+    out: Path
+    forget: ForgetSet  # what the engine removes
+    traj: StoreTrajectory
+    window: Window
 
 
-def unlearn(store: TrajectoryStore, forget: ForgetSet, description: dict[str, Any], options: UnlearnOptions,
-            out: Path, base: Path | None = None, progress: Progress | None = None,
-            request: Request | None = None) -> dict[str, Any]:
-    """One audited unlearning request, holding the store lock throughout.
+def prepare(store_path: Path | str, spec: ForgetSpec, options: UnlearnOptions, output: OutputSpec,
+            who: Requester) -> Prepared:
+    """Resolve and check a request against the store (read-only; the caller holds the lock to act)."""
+    from lmclean.audit import AuditLog, check_not_tombstoned
+    from lmclean.audit.events import refuse_used_request_id
+    from lmclean.audit.history import load_history, refuse_forgotten
+    from lmclean.paths import check_output
+    from lmclean.unlearn.lmcleaner import require_supported
 
-    Order (crash-safe at every point): finish any interrupted scrub; refuse tombstoned samples;
-    compute; write the model + report to a temp dir and rename it into place; append the audit
-    record; scrub the forgotten samples' tokens (resumable: the audit record says what to scrub).
+    store = TrajectoryStore(store_path)
+    if not store.closed:
+        raise ConfigError(f"store {store.path} is incomplete ({store.committed_steps}/{store.planned_steps} steps); "
+                          "finish it with `lmclean record --resume` first")
+    resolved = resolve(store, spec)
+    if options.method == "lmcleaner":
+        require_supported(store, resolved.forget)  # an optimizer lmcleaner cannot follow: before any output
+    records = AuditLog(store.path).records()
+    history = load_history(store.path, records)
+    refuse_forgotten(history, resolved.sample_ids, resolved.steps if spec.steps else ())
+    check_not_tombstoned(store.path, list(resolved.sample_ids))
+    refuse_used_request_id(records, who.request_id)
+    start = starting_point(store, history, output, options.method)
+    out = check_output(output.out or default_out(store.path), overwrite=output.overwrite)
+    traj = open_trajectory(store)
+    forget = engine_forget(resolved, history, options.method)
+    return Prepared(store, resolved, history, start, out, forget, traj, window_of(traj, forget, options))
+
+
+def resolve(store: TrajectoryStore, spec: ForgetSpec) -> ResolvedForget:
+    from lmclean.unlearn.resolve import resolve_forget
+
+    return resolve_forget(store, spec)
+
+
+def plan(store_path: Path | str, spec: ForgetSpec, options: UnlearnOptions, output: OutputSpec = OutputSpec(),
+         who: Requester = Requester()) -> dict[str, Any]:
+    """`--dry-run`: every check of a real run, then the steps touched and the estimated cost."""
+    from lmclean.unlearn.plan import estimate
+
+    p = prepare(store_path, spec, options, output, who)
+    data = estimate(p.traj, p.window, options, len(p.window.affected))
+    data.update(sample_ids=list(p.resolved.sample_ids), level=p.resolved.level, base_model=str(p.start.path),
+                output=str(p.out), composes_with=[link.request_id for link in p.history.unlearnings])
+    if p.resolved.level == "batch":
+        data.update(steps=list(p.resolved.steps), collateral_samples=p.resolved.collateral_samples)
+    return data
+
+
+def unlearn(store_path: Path | str, spec: ForgetSpec, options: UnlearnOptions, output: OutputSpec = OutputSpec(),
+            who: Requester = Requester(), progress: Progress | None = None,
+            on_start: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """One audited unlearning request, holding the store lock throughout (see the module docstring).
+
+    `on_start(total)` is called with the number of steps the sweep visits once every check passed.
+    Returns the report (also written as `unlearn_report.json` into the output model directory).
     """
-    from lmclean.audit import AuditLog, StoreLock, check_not_tombstoned, finish_pending_scrub, scrub_samples, unlearn_event
+    from lmclean.audit import AuditLog, StoreLock, finish_pending_scrub, scrub_samples
+    from lmclean.audit.publish import finish_pending_unlearn
 
-    request = request or Request()
-    with StoreLock(store.path, "unlearn"):
-        finish_pending_scrub(store.path)
-        check_not_tombstoned(store.path, description.get("sample_ids", []))
-        if request.request_id and AuditLog(store.path).latest(where={"request_id": request.request_id}):
-            raise ConfigError(f"request id {request.request_id!r} is already in the audit log of {store.path}; use a new id")
-        report, norms = compute_and_write(store, forget, description, options, out, base, progress)
-        crash_point("unlearn:after-model")
-        record = unlearn_event(
-            store.path, request_id=request.request_id, reason=request.reason, requested_by=request.requested_by,
-            forget_ids=description.get("sample_ids", []), forget_fingerprints=description.get("fingerprints", []),
-            level=report["level"], method=report["method"], K=report["K"], hvp=report["hvp"], damping=report["damping"],
-            noise_sigma=report["noise_sigma"], steps_touched=report["steps_touched"],
-            curvature_products=report["curvature_products"], v_norms=norms,
-            divergence_check=report["divergence_check"], model_before_dir=base or store.model_dir, output_dir=out,
-            keep_data=request.keep_data, wall_time=report["wall_seconds"])
-        crash_point("unlearn:after-audit")
+    store_path = Path(store_path)
+    TrajectoryStore(store_path)  # "no lmclean store at ..." before anything else
+    with StoreLock(store_path, "unlearn"):
+        log = AuditLog(store_path)
+        log.require_intact()  # before anything: a forged record must not be scrubbed or signed over
+        finish_pending_unlearn(store_path)
+        finish_pending_scrub(store_path)
+        p = prepare(store_path, spec, options, output, who)
+        if on_start:
+            on_start(max(1, p.window.span))
+        try:
+            theta_hat, result, report = _compute(p, options, progress)
+        except KeyboardInterrupt:
+            raise Interrupted("interrupted during the sweep: nothing was written and the store is unchanged") from None
+        record = _write_and_audit(p, options, who, theta_hat, result, report)
         report["audit_seq"] = record["seq"]
         report["request_id"] = record["request_id"]
-        if not request.keep_data and description.get("sample_ids"):
-            scrub = scrub_samples(store.path, description["sample_ids"], record["seq"])
+        if not who.keep_data and p.resolved.sample_ids:
+            scrub = scrub_samples(store_path, list(p.resolved.sample_ids), record["seq"])
             report["scrubbed_steps"] = len(scrub.steps)
     return report
 
 
-def compute_and_write(store: TrajectoryStore, forget: ForgetSet, description: dict[str, Any], options: UnlearnOptions,
-                      out: Path, base: Path | None = None, progress: Progress | None = None) -> tuple[dict[str, Any], list[float]]:
-    """Run the method and write the model + unlearn_report.json atomically to `out` (no audit)."""
-    if not store.closed:
-        raise ConfigError(f"store {store.path} is incomplete ({store.committed_steps}/{store.planned_steps} steps); "
-                          "finish it with `lmclean record --resume` first")
+def _compute(p: Prepared, options: UnlearnOptions, progress: Progress | None) -> tuple[torch.Tensor, SweepResult, dict]:
     started = time.perf_counter()
-    traj = open_trajectory(store)
-    theta = base_theta(store, base)
-    result = run_method(traj, forget, options, progress)
+
+    def tick(t: int, norm: float) -> None:
+        crash_point("unlearn:mid-sweep")  # a kill while the sweep runs: the store must be untouched
+        if progress:
+            progress(t, norm)
+
+    result = run_method(p.traj, p.forget, options, tick)
+    if options.method == "replay":  # θ̂ = the counterfactual run's θ[τ]: recorded θ[τ] + (θ' − θ)
+        theta, _ = p.store.checkpoint(p.store.committed_steps)
+    else:  # compose: the new correction on top of the current model
+        theta = start_theta(p.store, p.start)
     theta_hat = theta + result.delta.to(theta.dtype)
     if options.noise:
         gen = torch.Generator().manual_seed(options.seed)
@@ -225,35 +263,72 @@ def compute_and_write(store: TrajectoryStore, forget: ForgetSet, description: di
     if not torch.isfinite(theta_hat).all():
         raise ConfigError("the unlearned parameters are not finite; nothing was written (raise --damping or lower --K)")
     crash_point("unlearn:after-compute")
+    return theta_hat, result, _report(p, options, result, time.perf_counter() - started)
+
+
+def _report(p: Prepared, options: UnlearnOptions, result: SweepResult, seconds: float) -> dict[str, Any]:
     norms = [n for _, n in result.v_norms]
-    report = {
+    lm = options.method == "lmcleaner"
+    prop = options.propagation
+    return {
         "lmclean_version": lmclean.__version__,
-        "store": str(store.path), "base_model": str(base) if base else "recorded final model",
-        "method": result.method, "level": description.get("level", forget.level),
-        "forget_sample_ids": description.get("sample_ids", []), "forget_fingerprints": description.get("fingerprints", []),
-        "forget_steps": sorted(forget.steps), "collateral_samples": description.get("collateral_samples", 0),
-        "K": options.K, "hvp": options.propagation.operator.hvp if options.method == "lmcleaner" else None,
-        "damping": result.damping if options.method == "lmcleaner" else None,
-        "curvature_batch": options.propagation.curvature_batch if options.method == "lmcleaner" else None,
+        "store": str(p.store.path), "base_model": str(p.start.path), "base_digest": p.start.digest,
+        "base_unrelated": p.start.unrelated,
+        "composes_with": [link.request_id for link in p.history.unlearnings],
+        "also_excluded_ids": sorted(p.forget.sample_ids - set(p.resolved.sample_ids)),
+        "method": result.method, "level": p.resolved.level,
+        "forget_sample_ids": list(p.resolved.sample_ids), "forget_fingerprints": list(p.resolved.fingerprints),
+        "forget_steps": list(p.resolved.steps), "collateral_samples": p.resolved.collateral_samples,
+        "K": options.K, "hvp": prop.operator.hvp if lm else None, "damping": result.damping if lm else None,
+        "curvature_batch": prop.curvature_batch if lm else None,
         "fraction": options.fraction, "noise_sigma": options.noise, "seed": options.seed,
         # every setting the sweep used, so the report alone reproduces it
-        "propagation": ({"tail": options.propagation.tail, "stabilize": options.propagation.stabilize,
-                         "on_divergence": options.propagation.on_divergence,
-                         "operator": dataclasses.asdict(options.propagation.operator)}
-                        if options.method == "lmcleaner" else None),
+        "propagation": ({"tail": prop.tail, "stabilize": prop.stabilize, "on_divergence": prop.on_divergence,
+                         "operator": dataclasses.asdict(prop.operator)} if lm else None),
         "steps_touched": result.steps_touched, "window": list(result.window),
         "curvature_products": result.products, "gradient_evaluations": round(result.gradients, 3),
         "v_norm": {"first": norms[0] if norms else 0.0, "max": max(norms, default=0.0), "last": norms[-1] if norms else 0.0,
                    "trace": [[t, n] for t, n in result.v_norms[:: max(1, len(result.v_norms) // 200)]]},
+        "v_norms": norms,
         "delta_norm": float(torch.linalg.vector_norm(result.delta)),
         "divergence_check": result.divergence, "notes": result.notes,
-        "wall_seconds": round(time.perf_counter() - started, 3), "output": str(out),
+        "wall_seconds": round(seconds, 3), "output": str(p.out),
     }
-    model = model_from_config_dict(store.meta["model_config"])
-    load_flat_into(model, store.manifest, theta_hat)
-    save_model(model, load_tokenizer(store.meta["tokenizer"]), out,
+
+
+def _write_and_audit(p: Prepared, options: UnlearnOptions, who: Requester, theta_hat: torch.Tensor,
+                     result: SweepResult, report: dict[str, Any]) -> dict[str, Any]:
+    """Stage the model, write the intent, append the audit record (the commit point), publish."""
+    from lmclean.audit import model_digest, new_request_id, unlearn_event
+    from lmclean.train.data import load_tokenizer
+    from lmclean.train.model import load_flat_into, model_from_config_dict, save_model
+    from lmclean.audit.publish import PendingPublish, publish, stage_path
+
+    norms = report.pop("v_norms")
+    staged = stage_path(p.out)
+    if staged.exists():  # a crash after staging, before the intent: never recorded, ours to remove
+        shutil.rmtree(staged)
+    model = model_from_config_dict(p.store.meta["model_config"])
+    load_flat_into(model, p.store.manifest, theta_hat)
+    save_model(model, load_tokenizer(p.store.meta["tokenizer"]), staged,
                extra_files={"unlearn_report.json": json.dumps(report, indent=1)})
-    return report, norms
+    request_id = who.request_id or new_request_id()
+    pending = PendingPublish(p.store.path, staged, p.out, model_digest(staged), request_id, overwrite=p.out.exists())
+    pending.write()
+    crash_point("unlearn:after-model")
+    record = unlearn_event(
+        p.store.path, request_id=request_id, reason=who.reason, requested_by=who.requested_by,
+        forget_ids=list(p.resolved.sample_ids), forget_fingerprints=list(p.resolved.fingerprints),
+        level=p.resolved.level, method=report["method"], K=report["K"], hvp=report["hvp"], damping=report["damping"],
+        noise_sigma=report["noise_sigma"], steps_touched=report["steps_touched"],
+        curvature_products=report["curvature_products"], v_norms=norms, divergence_check=report["divergence_check"],
+        model_before_dir=p.start.path, output_dir=staged, output_path=p.out, keep_data=who.keep_data,
+        wall_time=report["wall_seconds"],
+        extra={"base_unrelated": p.start.unrelated, "composes_with": report["composes_with"],
+               "also_excluded_ids": report["also_excluded_ids"]})
+    crash_point("unlearn:after-audit")
+    publish(pending)
+    return record
 
 
 def default_out(store: Path) -> Path:

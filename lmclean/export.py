@@ -1,0 +1,33 @@
+"""Write the model at any recorded step of a store as a Hugging Face model directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lmclean.errors import StoreError
+
+__all__ = ["export_step"]
+
+
+def export_step(store_path: Path | str, out: Path, step: int | None = None, overwrite: bool = False) -> int:
+    """Rebuild θ[step] (checkpoint + optimizer replay; default: the last step) and save it to `out`.
+
+    `out` must be new or empty (or `overwrite` for a plain directory), never inside a store. Returns
+    the step written."""
+    from lmclean.paths import check_output
+    from lmclean.store.reader import TrajectoryStore
+    from lmclean.train.data import load_tokenizer
+    from lmclean.train.model import load_flat_into, model_from_config_dict, save_model
+
+    store = TrajectoryStore(store_path)
+    check_output(out, overwrite=overwrite)
+    target = store.committed_steps if step is None else step
+    if not 0 <= target <= store.committed_steps:
+        raise StoreError(f"--step {target} is not a recorded step of {store.path}: use 0..{store.committed_steps}")
+    theta, _ = store.theta_at(target)
+    model = model_from_config_dict(store.meta["model_config"])
+    load_flat_into(model, store.manifest, theta)
+    spec = store.meta.get("tokenizer", "external")
+    tokenizer = load_tokenizer(spec) if spec == "byte" or Path(spec).is_dir() else None  # else: the user's own
+    save_model(model, tokenizer, out)
+    return target
