@@ -1,4 +1,5 @@
-# Quick start: `make demo` (record + inspect the bundled example), `make test` (the test suite).
+# Quick start: `make demo` (a tiny model forgets two facts, side by side with retraining), `make test`.
+# `make` alone sets up .venv and says how to put `lmclean` on PATH.
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -6,6 +7,7 @@ STAMP := $(VENV)/.installed
 TORCH_PIN := torch==2.13.0
 
 .PHONY: setup demo test bench clean
+.DEFAULT_GOAL := setup
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -15,6 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 setup: $(STAMP)
+	@echo "lmclean is installed in $(BIN): run 'source $(BIN)/activate' to put it on PATH"
 
 demo: $(STAMP)
 	bash examples/demo.sh

@@ -96,7 +96,8 @@ def main() -> None:
                          "the TOFU example's runs/tofu/original.zarr runs/tofu/retrained.zarr with --forget "
                          "3960-3999), FULL alone for early (its reference is exact replay)")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", help="run only the methods whose name contains one of these comma-separated texts (e.g. rollback,lowrank)")
+    ap.add_argument("--only", help="run only the methods whose name contains one of these comma-separated texts (e.g. rollback,lowrank); "
+                         "=NAME selects exactly that row")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, help="also write the rows as JSON here")
     args = ap.parse_args()
@@ -180,8 +181,9 @@ def main() -> None:
     for f in [0.5, 0.25, 0.125]:
         variants.append((f"replay f={f}", lambda f=f: replay(traj, forget, fraction=f)))
     if args.only:
-        wanted = [w.strip() for w in args.only.split(",")]
-        variants = [(name, fn) for name, fn in variants if any(w in name for w in wanted)]
+        wanted = [w.strip() for w in args.only.split(",")]  # "=name": that row only; else any row containing it
+        variants = [(name, fn) for name, fn in variants
+                    if any(name == w[1:] if w.startswith("=") else w in name for w in wanted)]
 
     span = exact.window[1] - exact.window[0]
     header = f"{'method':34s} {'residual':>9s} {'gap':>7s} {'seconds':>8s} {'×train':>7s} {'×replay':>8s} {'/step':>7s} {'products':>8s}"

@@ -31,13 +31,13 @@ def record(
     The store holds per-step gradients, learning rates, batch ids, weights and tokens, plus
     periodic checkpoints, so that any sample can later be unlearned and the run replayed exactly.
     """
-    from lmclean.train.data import parse_id_spec  # torch: imported when a command runs, not for --help
-    from lmclean.train.trainer import train
-
     if show_config:
         for key, default, help_text in config_mod.help_table():
             typer.echo(f"{key:28s} {default:24s} {help_text}")
         return
+    from lmclean.train.data import parse_id_spec  # torch: imported when a command runs, not for --help
+    from lmclean.train.trainer import train
+
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite exclude each other: continue the store or replace it")
     if resume and config is None:  # the store knows its config (and exclusions): --resume needs only --store

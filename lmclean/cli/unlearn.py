@@ -19,7 +19,7 @@ def unlearn(
     steps: Annotated[Optional[str], typer.Option(help="Forget whole recorded steps, e.g. 12,40 (implies --level batch).")] = None,
     level: Annotated[Level, typer.Option(help="sample: remove each forget sample's own terms; batch: remove every step that contains one, whole.")] = "sample",
     method: Annotated[Method, typer.Option(help="lmcleaner (propagate through recorded curvature), rollback (no propagation) or replay (exact re-run).")] = "lmcleaner",
-    K: Annotated[Optional[int], typer.Option("--K", min=0, help="Steps to propagate (or replay) past the last affected step; the rest is carried unchanged. Replay default: to the end.")] = None,
+    K: Annotated[Optional[int], typer.Option("--K", min=0, help="Steps to propagate (or replay) past the last affected step; the rest is carried unchanged. Default: 800 for lmcleaner, to the end for replay.")] = None,
     hvp: Annotated[Curvature, typer.Option(help="Curvature for lmcleaner: ggn (Gauss-Newton, PSD, default), exact (Hessian), diag, lowrank, fisher (rank-1 baseline).")] = "ggn",
     damping: Annotated[float, typer.Option(min=0.0, help="Add damping·I to the curvature: more stable, slightly biased.")] = 1e-4,
     on_divergence: Annotated[OnDivergence, typer.Option(help="When ‖v‖ blows up: stop (error naming the step) or damp (raise damping and retry).")] = "stop",

@@ -16,6 +16,7 @@ import torch
 
 from lmclean.errors import ConfigError
 from lmclean.unlearn.common import ForgetSet, SweepResult, flat_grad, update_of_step
+from lmclean.unlearn.request import Window
 from lmclean.unlearn.trajectory import Trajectory
 
 Progress = Callable[[int, float], None]
@@ -57,8 +58,8 @@ def replay(traj: Trajectory, forget: ForgetSet, K: int | None = None, fraction: 
     method = "replay" if fraction is None or fraction == 1 else f"replay(f={fraction:g})"
     if not affected:
         return SweepResult(torch.zeros(traj.manifest.size), method, [], (tau, tau), notes=["nothing to do"])
-    first, last = min(affected), max(affected)
-    stop = tau if K is None else min(tau, last + K + 1)
+    window = Window.of(list(affected), tau, "replay", K)
+    first, stop = window.first, window.stop
     result = SweepResult(torch.zeros(0), method, sorted(affected), (first, stop))
     theta_cf = state_cf = None
     for t, theta, state in traj.states(first, stop):
