@@ -8,7 +8,6 @@ loss that is differentiated is exactly the loss that was recorded.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -88,10 +87,6 @@ class CausalLMObjective:
         return CausalLMObjective(self.model, self.input_ids[rows, :width], self.lengths[rows],
                                  w * (self.weights.sum() / w.sum()))
 
-    def per_token_loss(self, out: Tensor) -> Tensor:
-        """Unweighted token cross-entropies (N,)."""
-        return torch.nn.functional.cross_entropy(out, self._targets, reduction="none")
-
     def output_hvp(self, out: Tensor, u: Tensor) -> Tensor:
         # Softmax-CE Hessian w.r.t. logits is c_n (diag p − p pᵀ): (N, V) ⊙ ... without forming V×V.
         p = torch.softmax(out, dim=-1)  # (N, V)
@@ -122,5 +117,3 @@ class SquaredErrorObjective:
         w = self.weights[rows]
         return SquaredErrorObjective(self.model, self.inputs[rows], self.targets[rows], w * (self.weights.sum() / w.sum()))
 
-
-ObjectiveFactory = Callable[..., Objective]

@@ -469,3 +469,18 @@ def test_missing_or_unreadable_commit_marker_says_what_to_do(runs: dict[str, Tra
     (path / "COMMIT.json").unlink()
     with pytest.raises(StoreError, match=r"has no COMMIT.json \(its commit marker\).*re-record it"):
         TrajectoryStore(path).committed_steps
+
+
+def test_writer_removes_temp_files_a_killed_writer_left(runs: dict[str, TrainResult], tmp_path: Path) -> None:
+    """Temp names carry the writer's pid, so a killed writer's leftovers are not overwritten by
+    the next one: reopening the store for writing (resume) removes them."""
+    from lmclean.store.writer import StoreWriter
+
+    path = _copy(runs["sgd"], tmp_path)
+    left = [path / "steps/grad/.c.0.0.4242.partial", path / "steps/lr/.c.0.4242.partial",
+            path / "checkpoints/theta/.c.1.0.4242.partial"]
+    for p in left:
+        p.write_bytes(b"half a chunk")
+    StoreWriter(path, committed_steps=STEPS, checkpoints=CHECKPOINTS).abort()
+    assert not any(p.exists() for p in left)
+    assert not list(path.rglob("*.partial")) and TrajectoryStore(path).committed_steps == STEPS

@@ -22,7 +22,7 @@ FORGET = {101, 107}
 # Plain SGD at a moderate step size: the regime where training is not chaotic (a chaotic run, e.g.
 # lr 0.05 with momentum 0.9 on the example, moves ‖θ − θ_retrain‖ by as much as ‖θ‖ and no
 # linearisation can follow it; benchmarks/fidelity.py shows both regimes).
-SETTINGS = {"train.epochs": 6, "train.lr": 0.3, "train.momentum": 0.0, "train.schedule": "constant"}
+SETTINGS = {"train.epochs": 4, "train.lr": 0.1, "train.momentum": 0.0, "train.schedule": "constant"}
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,9 @@ def test_ggn_beats_rollback_and_replay_is_exact(runs: tuple[TrajectoryStore, tor
     ggn = propagate(traj, forget, PropagationSettings(K=800, operator=OperatorSettings(hvp="ggn")))
     rb = rollback(traj, forget)
     assert ggn.products > 0 and ggn.divergence == "ok"
-    assert residual(ggn.delta) < residual(rb.delta)
+    # Measured: ggn 0.479, half-strength (0.5·Δ) 0.663, 1.5·Δ 0.610, K = 0 0.511, rollback 0.704. The
+    # bound 0.55 is one a half-right propagation (half or 1.5x the correction) fails.
+    assert residual(ggn.delta) < 0.55 < min(residual(0.5 * ggn.delta), residual(1.5 * ggn.delta), residual(rb.delta))
     lf = {name: _forget_loss(traj, theta + d) for name, d in
           {"orig": torch.zeros_like(theta), "ggn": ggn.delta, "rollback": rb.delta}.items()}
     lf["ref"] = _forget_loss(traj, theta_ref)

@@ -163,7 +163,8 @@ def render(report: dict[str, Any]) -> None:
             out.print(f"  [bold cyan]{escape(label.strip())}[/]: [dim]{escape(how)}[/]")
     forgotten, kept = report["generations"], report.get("retain_generations") or []
     if forgotten or kept:
-        gen = Table(title="greedy answers (✓ = the training answer)", title_justify="left")
+        gen = Table(title="greedy answers to forget questions, then to kept ones (✓ = the training answer)",
+                    title_justify="left")
         gen.add_column("question / training answer", style="bold")
         for name in names:
             gen.add_column(escape(name))

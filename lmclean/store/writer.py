@@ -31,6 +31,7 @@ when the writer stops (close/abort): a crash (SIGKILL) loses at most that much w
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import shutil
@@ -45,7 +46,7 @@ import zarr
 
 from lmclean.errors import StoreError, StoreExistsError
 from lmclean.store import format as fmt
-from lmclean.store.atomic import DirSync, atomic_write_json
+from lmclean.store.atomic import PARTIAL_SUFFIX, DirSync, atomic_write_json
 from lmclean.store.atomic import atomic_write_bytes as _atomic_write
 from lmclean.store.codec import ChecksumError, array_codec
 from lmclean.store.shard import ShardRowArray
@@ -244,6 +245,8 @@ class StoreWriter:
         self._blocks = {name: BlockArray(self.path, steps[name], committed_steps) for name in fmt.BLOCK_ARRAYS}
         self._tokens = BlockArray(self.path, steps["tokens"], committed_steps)  # filled at commits only
         self._ck = {name: RowArray(self.path, arr) for name, arr in root["checkpoints"].arrays()}
+        for arr in (*self._rows.values(), *self._blocks.values(), self._tokens, *self._ck.values()):
+            _remove_partials(arr.dir)  # temp files of a writer that was killed mid-write
         self._B = self._blocks["sample_ids"].shape[1]
         self._L = self._tokens.shape[2]
         self._P = self._rows["grad"].shape[1]
@@ -434,6 +437,15 @@ class StoreWriter:
 
     def mark_closed(self) -> None:
         self._commit(closed=True)
+
+
+def _remove_partials(directory: Path) -> None:
+    """Unlink the temp files (`.<key>.<pid>.partial`) a killed writer left; the caller holds the
+    store (the lock), so no other writer's temp file can be among them."""
+    for entry in os.scandir(directory):
+        if entry.name.startswith(".") and entry.name.endswith(PARTIAL_SUFFIX):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
 
 
 def store_size_bytes(path: Path, subdir: str = "") -> int:

@@ -12,7 +12,7 @@ import torch
 
 from lmclean._faults import crash_point
 from lmclean.errors import ConfigError, InputNotFoundError, ModelWriteError
-from lmclean.train.flat import ParamManifest, flat_params
+from lmclean.train.flat import ParamManifest
 
 
 def fresh_model(config_keys: dict[str, Any], vocab_size: int, max_length: int, seed: int) -> torch.nn.Module:
@@ -113,6 +113,3 @@ def load_flat_into(model: torch.nn.Module, manifest: ParamManifest, flat: torch.
             if name in views:
                 p.copy_(views[name])
 
-
-def model_flat(model: torch.nn.Module, manifest: ParamManifest) -> torch.Tensor:
-    return flat_params(model, manifest).clone()

@@ -119,11 +119,11 @@ class Recorder:
     def record_step(self, step: int, *, lr: float, loss: float, sample_ids: list[int] | np.ndarray,
                     weights: list[float] | np.ndarray | torch.Tensor, input_ids: torch.Tensor,
                     lengths: torch.Tensor, grad: torch.Tensor, theta: torch.Tensor | None = None,
-                    opt_state: dict[str, torch.Tensor] | None = None, copy: bool = True) -> None:
+                    opt_state: dict[str, torch.Tensor] | None = None) -> None:
         """Record step `step`: call after backward, before the update. `grad` is the flat mean batch
         gradient (P,); `theta`/`opt_state` are needed on checkpoint steps (see needs_checkpoint).
-        The gradient is copied into one of the writer's recycled buffers (`copy` is kept for callers
-        of earlier versions and no longer matters): the caller may reuse `grad` at once."""
+        The gradient is copied into one of the writer's recycled buffers: the caller may reuse
+        `grad` at once."""
         w = weights.detach().cpu().numpy() if isinstance(weights, torch.Tensor) else np.asarray(weights)
         b = len(sample_ids)
         if not (len(w) == b == input_ids.shape[0] == lengths.shape[0]):
