@@ -20,10 +20,10 @@ except ImportError:  # pragma: no cover
 
 Method = Literal["lmcleaner", "rollback", "replay"]
 Level = Literal["sample", "batch"]
-Curvature = Literal["ggn", "exact", "diag", "lowrank", "fisher"]
+Curvature = Literal["ggn", "exact", "kfac", "ekfac", "diag", "lowrank", "fisher"]
 OnDivergence = Literal["stop", "damp"]
 CurvatureBatch = Literal["retained", "full"]
-Tail = Literal["carry", "lowrank"]
+Tail = Literal["carry", "ekfac", "kfac", "lowrank", "diag"]
 Device = Literal["auto", "cpu", "cuda"]
 
 

@@ -71,6 +71,7 @@ class CurvatureOperator:
     psd: ClassVar[bool] = True
     per_step: ClassVar[bool] = True
     closed_form: ClassVar[bool] = False
+    uses: ClassVar[frozenset[str]] = frozenset()  # OperatorSettings fields (CLI options) it reads
 
     def __init__(self, settings: OperatorSettings, manifest: ParamManifest) -> None:
         self.s = settings
@@ -124,6 +125,7 @@ class _PerStepProduct(CurvatureOperator):
     """One product per step on (a --curvature-fraction share of) the step's own batch."""
 
     product: ClassVar[Callable[[Objective, Params, Params], Params]]
+    uses = frozenset({"curvature_fraction"})
 
     def at(self, t: int, theta: Tensor, objective: LazyObjective, stored_grad: Callable[[], Tensor]) -> MatVec:
         params = self.manifest.views(theta)
@@ -175,6 +177,7 @@ class _Anchored(CurvatureOperator):
     correction stays exactly linear in the forget set (superposition)."""
 
     per_step = False
+    uses = frozenset({"refresh", "anchor_fraction"})
 
     def __init__(self, settings: OperatorSettings, manifest: ParamManifest) -> None:
         super().__init__(settings, manifest)
@@ -225,6 +228,7 @@ class LowRankOperator(_Anchored):
     """Top-`rank` GGN eigenpairs by Lanczos."""
 
     name = "lowrank"
+    uses = frozenset({"refresh", "anchor_fraction", "rank"})
 
     def per_anchor(self) -> int:
         return self.s.lanczos_products

@@ -54,7 +54,7 @@ def _time_one_step(traj: StoreTrajectory, t: int, hvp: str | None) -> tuple[floa
             g = flat_grad(obj, traj.manifest, theta)
             timings.append(time.perf_counter() - began)
         grad_s, product_s = timings[-1], 0.0
-        if hvp in ("exact", "ggn", "lowrank", "diag"):
+        if hvp not in (None, "fisher"):  # fisher uses the stored gradient: no product to time
             product = get_product("exact" if hvp == "exact" else "ggn")
             for _ in range(2):
                 began = time.perf_counter()

@@ -130,7 +130,7 @@ def engine_forget(resolved: ResolvedForget, history: Any, method: str) -> Forget
 
 
 def window_of(traj: StoreTrajectory, forget: ForgetSet, options: UnlearnOptions) -> Window:
-    to_end = options.method == "lmcleaner" and options.propagation.tail == "lowrank"
+    to_end = options.method == "lmcleaner" and options.propagation.propagates_tail
     return Window.of(list(forget.affected(traj)), traj.n_steps, options.method, options.K, to_end)
 
 
@@ -284,7 +284,9 @@ def _report(p: Prepared, options: UnlearnOptions, result: SweepResult, seconds: 
         "fraction": options.fraction, "noise_sigma": options.noise, "seed": options.seed,
         # every setting the sweep used, so the report alone reproduces it
         "propagation": ({"tail": prop.tail, "stabilize": prop.stabilize, "on_divergence": prop.on_divergence,
-                         "operator": dataclasses.asdict(prop.operator)} if lm else None),
+                         "operator": dataclasses.asdict(prop.operator),
+                         "tail_operator": dataclasses.asdict(prop.tail_operator) if prop.propagates_tail else None}
+                        if lm else None),
         "steps_touched": result.steps_touched, "window": list(result.window),
         "curvature_products": result.products, "gradient_evaluations": round(result.gradients, 3),
         "v_norm": {"first": norms[0] if norms else 0.0, "max": max(norms, default=0.0), "last": norms[-1] if norms else 0.0,

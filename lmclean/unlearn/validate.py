@@ -29,18 +29,24 @@ _USERS: dict[str, tuple[Callable[[Chosen], bool], str]] = {
     "tail": (lambda c: c["method"] == "lmcleaner", "--method lmcleaner"),
     "K": (lambda c: c["method"] != "rollback", "--method lmcleaner or replay"),
     "fraction": (lambda c: c["method"] == "replay", "--method replay"),
-    "curvature_fraction": (lambda c: _lm(c) and c["hvp"] in ("ggn", "exact"), "--hvp ggn or exact"),
-    "rank": (lambda c: _lm(c) and (c["hvp"] == "lowrank" or c["tail"] == "lowrank"), "--hvp lowrank or --tail lowrank"),
-    "refresh": (lambda c: _lm(c) and (c["hvp"] in ("lowrank", "diag") or c["tail"] == "lowrank"),
-                "--hvp lowrank/diag or --tail lowrank"),
-    "anchor_fraction": (lambda c: _lm(c) and (c["hvp"] in ("lowrank", "diag") or c["tail"] == "lowrank"),
-                        "--hvp lowrank/diag or --tail lowrank"),
+    "curvature_fraction": (lambda c: _operator_uses(c, "curvature_fraction"), "--hvp ggn or exact"),
+    "rank": (lambda c: _operator_uses(c, "rank"), "--hvp lowrank or --tail lowrank"),
+    "refresh": (lambda c: _operator_uses(c, "refresh"), "--hvp/--tail lowrank, diag, kfac or ekfac"),
+    "anchor_fraction": (lambda c: _operator_uses(c, "anchor_fraction"), "--hvp/--tail lowrank, diag, kfac or ekfac"),
 }
 _DEFAULTS: dict[str, Any] = {"method": "lmcleaner", "hvp": "ggn", "tail": "carry", "level": "sample"}
 
 
 def _lm(chosen: Chosen) -> bool:
     return chosen["method"] == "lmcleaner"
+
+
+def _operator_uses(chosen: Chosen, setting: str) -> bool:
+    """Whether the chosen curvature (or tail) operator reads `setting`: asked of the operators."""
+    from lmclean.unlearn.operators import operator_class
+
+    names = [chosen["hvp"]] + ([chosen["tail"]] if chosen["tail"] != "carry" else [])
+    return _lm(chosen) and any(setting in operator_class(n).uses for n in names)
 
 
 def _flag(name: str) -> str:
@@ -66,8 +72,7 @@ def check_combination(chosen: Mapping[str, Any], given: Iterable[str], n_params:
     if c.get("steps") and c["level"] == "sample" and "level" in given:
         raise ConfigError("--steps forgets whole steps (batch level), but --level sample was given: drop one of them")
     rank = c.get("rank")
-    if n_params is not None and isinstance(rank, int) and _lm(c) and rank > n_params and (
-            c["hvp"] == "lowrank" or c["tail"] == "lowrank"):
+    if n_params is not None and isinstance(rank, int) and rank > n_params and _operator_uses(c, "rank"):
         raise ConfigError(f"--rank {rank} exceeds the model's {n_params} parameters: use --rank {n_params} or less")
 
 
