@@ -214,11 +214,16 @@ def test_block_rows_read_directly_match_zarr_and_follow_rewrites(runs: dict[str,
     rewritten after it was cached (scrub, resume) is read again."""
     path = _copy(runs["sgd"], tmp_path)
     store = TrajectoryStore(path)
-    for name in ("steps/sample_ids", "steps/weights", "steps/tokens", "steps/lr", "steps/grad"):
+    for name in ("steps/sample_ids", "steps/weights", "steps/tokens", "steps/lr", "steps/loss", "steps/grad_norm",
+                 "steps/lengths", "steps/grad"):
         ref = np.asarray(zarr.open_array(str(path / name), mode="r")[:STEPS])
         got = np.stack([store._row(name, t) for t in range(STEPS)])
         assert np.array_equal(got, ref, equal_nan=True), name
         assert store._readers[name] is not None, name  # read directly, not through zarr
+    for name in ("checkpoints/theta", "checkpoints/momentum_buffer", "checkpoints/step", "samples/id",
+                 "samples/fingerprint"):  # the same codec path (checksums included) on every other array
+        ref = np.asarray(zarr.open_array(str(path / name), mode="r")[:])
+        assert np.array_equal(store.rows(name, len(ref), "row"), ref, equal_nan=True), name
     tokens = zarr.open_array(str(path / "steps/tokens"), mode="r+")
     before = store.step(1).tokens
     tokens[1] = np.zeros(tokens.shape[1:], dtype=np.int32)  # zarr rewrites the block chunk holding step 1

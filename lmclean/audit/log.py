@@ -10,12 +10,10 @@ must be signed, and every append first verifies the chain. See docs/audit.md.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import hmac as hmac_lib
 import json
 import os
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -317,23 +315,10 @@ class AuditLog:
         return self.append(body), True
 
     def _atomic_write(self, data: bytes) -> None:
-        fd, tmp_name = tempfile.mkstemp(
-            dir=self.store_dir, prefix=f".{AUDIT_FILENAME}.", suffix=".partial"
-        )
-        tmp = Path(tmp_name)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            mode = self.path.stat().st_mode & 0o777 if self.path.exists() else 0o644
-            os.chmod(tmp, mode)
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-            raise
-        _fsync_dir(self.store_dir)
+        from lmclean.store.atomic import atomic_write_bytes
+
+        mode = self.path.stat().st_mode & 0o777 if self.path.exists() else 0o644
+        atomic_write_bytes(self.path, data, mode=mode)
 
     # -- verification --------------------------------------------------------------------------
 
@@ -423,17 +408,3 @@ class AuditLog:
                 f"(no key: set {KEY_ENV})"
             )
         return result(True, None, None, "; ".join(notes) or None)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make the rename durable; some platforms cannot open directories, which is harmless."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

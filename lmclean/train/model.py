@@ -78,6 +78,8 @@ def save_model(model: torch.nn.Module, tokenizer: Any, out: Path, extra_files: d
     hf_logging.disable_progress_bar()  # our messages go to stderr; no tqdm bar per shard
     from safetensors import SafetensorError
 
+    from lmclean.store.atomic import fsync_dir
+
     try:
         try:
             model.save_pretrained(tmp, safe_serialization=True)
@@ -88,6 +90,11 @@ def save_model(model: torch.nn.Module, tokenizer: Any, out: Path, extra_files: d
             for path in tmp.iterdir():  # safetensors writes through a 0600 temp file: every file gets the usual mode
                 if path.is_file():
                     os.chmod(path, 0o666 & ~umask)
+                    fd = os.open(path, os.O_RDONLY)  # durable before the rename makes it visible
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
         except (SafetensorError, OSError) as exc:  # disk full, quota, permissions: one line, nothing in place
             reason = " ".join(str(exc).split())
             raise ModelWriteError(f"could not write the model to {out}: {reason}; free disk space or choose "
@@ -100,6 +107,7 @@ def save_model(model: torch.nn.Module, tokenizer: Any, out: Path, extra_files: d
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
+        fsync_dir(out.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
