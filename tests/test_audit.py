@@ -19,15 +19,13 @@ from safetensors.numpy import save_file
 from lmclean.audit import (
     GENESIS_PREV,
     KEY_ENV,
-    LOCK_FILENAME,
     AuditLog,
-    StoreLock,
     canonical_json,
     content_fingerprint,
     file_digest,
     model_digest,
-    read_lock,
 )
+from lmclean.store.lock import LOCK_FILENAME, StoreLock, read_lock
 from lmclean.audit.log import key_fingerprint
 from lmclean.errors import AuditError, DataError, InputNotFoundError, StoreLockedError
 

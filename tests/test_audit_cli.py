@@ -18,10 +18,10 @@ from lmclean.audit import (
     AuditLog,
     model_digest,
     record_event,
-    scrub_samples,
     unlearn_event,
     v_norm_summary,
 )
+from lmclean.store.scrub import scrub_samples
 from lmclean.cli.main import app
 from lmclean.errors import AuditError, DataError
 from lmclean.store.reader import TrajectoryStore

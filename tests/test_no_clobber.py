@@ -11,7 +11,8 @@ import pytest
 from conftest import error_line, tiny_config, write_rows
 from typer.testing import CliRunner
 
-from lmclean.audit import AuditLog, read_lock
+from lmclean.audit import AuditLog
+from lmclean.store.lock import read_lock
 from lmclean.cli.main import app
 from lmclean.train import recorder
 from lmclean.train.trainer import train

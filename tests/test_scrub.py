@@ -14,15 +14,12 @@ import zarr
 
 from lmclean import config
 from lmclean.audit import (
-    PENDING_FILENAME,
     AlreadyUnlearnedError,
     AuditLog,
     check_not_tombstoned,
     finish_pending_scrub,
-    pending_scrub,
-    scrub_samples,
-    tombstones,
 )
+from lmclean.store.scrub import PENDING_FILENAME, pending_scrub, scrub_samples, tombstones
 from lmclean.errors import DataError, StoreError
 from lmclean.store import format as fmt
 from lmclean.store.reader import TrajectoryStore
@@ -266,7 +263,7 @@ def test_missing_tombstone_chunk_is_not_read_as_live(store: Path) -> None:
 KILL_SCRIPT = """
 import os, sys
 from pathlib import Path
-from lmclean.audit import scrub_samples
+from lmclean.store.scrub import scrub_samples
 store, after = Path(sys.argv[1]), int(sys.argv[2])
 real, seen = os.replace, []
 def dying(src, dst):

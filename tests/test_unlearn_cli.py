@@ -12,7 +12,9 @@ import torch
 from conftest import error_line as _error_line, tiny_config, write_rows
 from typer.testing import CliRunner
 
-from lmclean.audit import AuditLog, StoreLock, tombstones
+from lmclean.audit import AuditLog
+from lmclean.store.lock import StoreLock
+from lmclean.store.scrub import tombstones
 from lmclean.cli.main import app
 from lmclean.errors import DivergenceError
 from lmclean.store import TrajectoryStore

@@ -18,7 +18,8 @@ import pytest
 import zarr
 from conftest import tiny_config, write_rows
 
-from lmclean.audit import AuditLog, finish_pending_scrub, model_digest, tombstones
+from lmclean.audit import AuditLog, finish_pending_scrub, model_digest
+from lmclean.store.scrub import tombstones
 from lmclean.audit.publish import PENDING_UNLEARN, finish_pending_unlearn
 from lmclean.train.trainer import train
 

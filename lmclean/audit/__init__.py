@@ -1,9 +1,9 @@
-"""Tamper-evident audit trail and store lock: what was recorded or unlearned, by whom, and proof.
+"""Tamper-evident audit trail: what was recorded or unlearned, by whom, and proof.
 
-``AuditLog`` is a hash-chained JSON Lines log (optionally HMAC-signed), ``StoreLock`` keeps two
-processes from writing one store, and the digests tie log records to concrete weights and data.
-``record_event`` / ``unlearn_event`` build the records the commands append; ``scrub_samples``
-removes forgotten samples' token data from a store and ``tombstones`` lists what was removed.
+``AuditLog`` is a hash-chained JSON Lines log (optionally HMAC-signed), and the digests tie log
+records to concrete weights and data. ``record_event`` / ``unlearn_event`` build the records the
+commands append; ``history`` reads the current model and what is forgotten; ``verify`` checks it
+all. The store owns its lock, tombstones and token scrubbing (lmclean.store.lock / .scrub).
 """
 
 from lmclean.audit.digest import content_fingerprint, file_digest, model_digest
@@ -16,7 +16,6 @@ from lmclean.audit.events import (
     unlearn_event,
     v_norm_summary,
 )
-from lmclean.audit.lock import LOCK_FILENAME, StoreLock, read_lock
 from lmclean.audit.log import (
     AUDIT_FILENAME,
     CHAIN_FIELDS,
@@ -28,28 +27,15 @@ from lmclean.audit.log import (
     key_from_env,
     utc_now,
 )
-from lmclean.audit.scrub import (
-    PENDING_FILENAME,
-    TOMBSTONE_ARRAY,
-    ScrubResult,
-    finish_pending_scrub,
-    pending_scrub,
-    scrub_samples,
-    tombstones,
-)
+from lmclean.audit.recovery import finish_pending_scrub
 
 __all__ = [
     "AUDIT_FILENAME",
     "CHAIN_FIELDS",
     "GENESIS_PREV",
     "KEY_ENV",
-    "LOCK_FILENAME",
-    "PENDING_FILENAME",
-    "TOMBSTONE_ARRAY",
     "AlreadyUnlearnedError",
     "AuditLog",
-    "ScrubResult",
-    "StoreLock",
     "VerifyResult",
     "canonical_json",
     "check_not_tombstoned",
@@ -60,11 +46,7 @@ __all__ = [
     "key_from_env",
     "model_digest",
     "new_request_id",
-    "pending_scrub",
-    "read_lock",
     "record_event",
-    "scrub_samples",
-    "tombstones",
     "unlearn_event",
     "utc_now",
     "v_norm_summary",

@@ -22,7 +22,7 @@ import zarr
 import lmclean
 from lmclean.audit.digest import model_digest
 from lmclean.audit.log import AuditLog, canonical_json
-from lmclean.audit.scrub import tombstones
+from lmclean.store.scrub import tombstones
 from lmclean.errors import DataError, StoreError
 
 __all__ = [

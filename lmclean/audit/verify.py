@@ -13,7 +13,7 @@ from typing import Any
 from lmclean.audit.digest import model_digest
 from lmclean.audit.history import load_history
 from lmclean.audit.log import AuditLog
-from lmclean.audit.scrub import pending_scrub, tombstones
+from lmclean.store.scrub import pending_scrub, tombstones
 from lmclean.errors import AuditError, InputNotFoundError, StoreError
 
 __all__ = ["verify_store"]

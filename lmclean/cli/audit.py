@@ -246,7 +246,7 @@ def enroll(
     every record must be signed; the records before it stay covered by the hash chain, anchored by
     the signed enrolment. Needed when the key is set after recording; see docs/audit.md.
     """
-    from lmclean.audit import StoreLock
+    from lmclean.store.lock import StoreLock
 
     log = _open_log(store)
     with StoreLock(store, "audit enroll"):

@@ -21,7 +21,7 @@ def inspect_log(
     json_out: Annotated[bool, typer.Option("--json", help="Print everything as JSON on stdout.")] = False,
 ) -> None:
     """Summarise a store: model, steps, schedule, checkpoints, samples, bytes and compression."""
-    from lmclean.audit import pending_scrub, tombstones  # zarr and torch: imported when the command runs
+    from lmclean.store.scrub import pending_scrub, tombstones  # zarr and torch: imported when the command runs
     from lmclean.store.reader import TrajectoryStore
     from lmclean.store.summary import sample_report, step_report, summarize
 

@@ -218,7 +218,7 @@ def torch_optimizer_state(optimizer: torch.optim.Optimizer, model: torch.nn.Modu
 
 def _clear_store(path: Path) -> None:
     """Empty a store directory in place for --overwrite, keeping the lock file the caller holds."""
-    from lmclean.audit.lock import LOCK_FILENAME
+    from lmclean.store.lock import LOCK_FILENAME
 
     for entry in path.iterdir():
         if entry.name == LOCK_FILENAME:

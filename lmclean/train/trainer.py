@@ -95,7 +95,8 @@ def train(cfg: LmcleanConfig, store: Path | None, *, exclude: list[int] | None =
           save_final: bool = True, on_start: StartCallback | None = None) -> TrainResult:
     """Train and record into `store` (None: train only), holding the store lock, and append the
     run to the store's audit log ("record" or "resume")."""
-    from lmclean.audit import StoreLock, finish_pending_scrub, record_event
+    from lmclean.audit import finish_pending_scrub, record_event
+    from lmclean.store.lock import StoreLock
 
     kwargs = dict(exclude=exclude, overwrite=overwrite, base=base, on_step=on_step, save_final=save_final,
                   on_start=on_start)

@@ -73,7 +73,7 @@ class StartModel:
 
 
 def open_trajectory(store: TrajectoryStore) -> StoreTrajectory:
-    from lmclean.audit import tombstones
+    from lmclean.store.scrub import tombstones
     from lmclean.train.model import model_from_config_dict
 
     model = model_from_config_dict(store.meta["model_config"])
@@ -217,7 +217,9 @@ def unlearn(store_path: Path | str, spec: ForgetSpec, options: UnlearnOptions, o
     `on_start(total)` is called with the number of steps the sweep visits once every check passed.
     Returns the report (also written as `unlearn_report.json` into the output model directory).
     """
-    from lmclean.audit import AuditLog, StoreLock, finish_pending_scrub, scrub_samples
+    from lmclean.audit import AuditLog, finish_pending_scrub
+    from lmclean.store.lock import StoreLock
+    from lmclean.store.scrub import scrub_samples
     from lmclean.audit.publish import finish_pending_unlearn
 
     store_path = Path(store_path)

@@ -10,7 +10,8 @@ checksum verified on read, written with a new one) and replaced with the store's
 (lmclean/store/atomic.py: temp file, fsync, rename, directory fsync): a crash leaves every chunk
 either old or new. The whole scrub is restartable: an intent file
 (``scrub_pending.json``) lists the ids and steps before any chunk is touched and is removed only
-after the tombstones are written; ``finish_pending_scrub`` completes an interrupted one.
+after the tombstones are written; ``finish_scrub_intent`` completes an interrupted one (and
+``lmclean.audit.recovery.finish_pending_scrub`` also scrubs what the audit log says was scrubbed).
 
 The caller holds the store's ``StoreLock`` for the whole operation.
 """
@@ -22,6 +23,7 @@ import json
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +32,8 @@ import zarr
 from zarr.core.buffer import cpu
 from zarr.storage import MemoryStore
 
-from lmclean.audit.log import AuditLog, utc_now
 from lmclean._faults import crash_point
-from lmclean.errors import AuditError, DataError, InputNotFoundError, StoreError, StoreVersionError
+from lmclean.errors import DataError, InputNotFoundError, StoreError, StoreVersionError
 from lmclean.store import format as fmt
 from lmclean.store.atomic import PARTIAL_SUFFIX, DirSync, atomic_write_bytes, fsync_dir
 from lmclean.store.codec import ChecksumError, ChunkCodec, array_codec
@@ -353,7 +354,7 @@ def _write_intent(store: Path, wanted: list[int], steps: list[int], seq: int) ->
         "sample_ids": wanted,
         "steps": steps,
         "audit_seq": seq,
-        "started": utc_now(),
+        "started": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
     }
     _atomic_write_bytes(store / PENDING_FILENAME, (json.dumps(intent, indent=1) + "\n").encode())
 
@@ -410,38 +411,13 @@ def _finish_intent(store: Path, intent: dict[str, Any]) -> ScrubResult:
     return _run(store, wanted, int(intent["audit_seq"]), table)
 
 
-def finish_pending_scrub(store_dir: Path | str) -> list[ScrubResult]:
-    """Complete scrubs that were interrupted; call it when a store is opened for writing.
-
-    1. If ``scrub_pending.json`` exists (a crash mid-scrub), redo that scrub: chunks already
-       rewritten are skipped, the rest are scrubbed, the tombstones written, the intent removed.
-    2. Every ``unlearn`` record of the audit log with ``keep_data: false`` whose samples are not
-       tombstoned (a crash between the audit append and the scrub) is scrubbed under its seq.
-
-    Returns what was done ([] when nothing was pending). Raises AuditError on a damaged log.
-    """
+def finish_scrub_intent(store_dir: Path | str) -> ScrubResult | None:
+    """Complete a scrub that a crash interrupted (``scrub_pending.json``): chunks already rewritten
+    are skipped, the rest scrubbed, the tombstones written, the intent removed. Without an intent,
+    remove a killed scrub's temp files. Returns what was done (None when nothing was pending)."""
     store = _store_dir(store_dir)
-    done: list[ScrubResult] = []
     intent = pending_scrub(store)
-    if intent is not None:
-        done.append(_finish_intent(store, intent))
-    else:
+    if intent is None:
         _remove_partials(store)
-    log = AuditLog(store)
-    if not log.exists():
-        return done
-    try:
-        records = log.records()
-    except AuditError as exc:
-        raise AuditError(f"{exc}; cannot tell whether a scrub is pending (run `lmclean audit verify {store}`)") from exc
-    dead = tombstones(store)
-    for rec in records:
-        if rec.get("kind") != "unlearn" or rec.get("keep_data") is not False:
-            continue
-        ids = rec.get("forget_ids") or []
-        missing = [int(i) for i in ids if int(i) not in dead]
-        if missing and isinstance(rec.get("seq"), int):
-            result = scrub_samples(store, missing, rec["seq"])
-            done.append(result)
-            dead.update(result.tombstoned)
-    return done
+        return None
+    return _finish_intent(store, intent)

@@ -13,11 +13,11 @@ import os
 import socket
 import time
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from lmclean.audit.log import utc_now
 from lmclean.errors import InputNotFoundError, StoreLockedError
 
 __all__ = ["LOCK_FILENAME", "StoreLock", "read_lock"]
@@ -98,7 +98,7 @@ class StoreLock:
         info = {
             "pid": os.getpid(),
             "host": socket.gethostname(),
-            "since": utc_now(),
+            "since": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
             "purpose": self.purpose,
         }
         content = (json.dumps(info) + "\n").encode("utf-8")

@@ -1,0 +1,48 @@
+"""Finish what a crash interrupted, from the store's intent files and the audit log.
+
+Called by every writer of a store under its lock (`unlearn`, `record --resume`), after
+`AuditLog.require_intact()`: the log is what says which samples must be scrubbed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lmclean.audit.log import AuditLog
+from lmclean.errors import AuditError
+from lmclean.store.scrub import ScrubResult, finish_scrub_intent, scrub_samples, tombstones
+
+__all__ = ["finish_pending_scrub"]
+
+
+def finish_pending_scrub(store_dir: Path | str) -> list[ScrubResult]:
+    """Complete scrubs that were interrupted.
+
+    1. If ``scrub_pending.json`` exists (a crash mid-scrub), the store redoes that scrub.
+    2. Every ``unlearn`` record of the audit log with ``keep_data: false`` whose samples are not
+       tombstoned (a crash between the audit append and the scrub) is scrubbed under its seq.
+
+    Returns what was done ([] when nothing was pending). Raises AuditError on a damaged log.
+    """
+    store = Path(store_dir)
+    done: list[ScrubResult] = []
+    first = finish_scrub_intent(store)
+    if first is not None:
+        done.append(first)
+    log = AuditLog(store)
+    if not log.exists():
+        return done
+    try:
+        records = log.records()
+    except AuditError as exc:
+        raise AuditError(f"{exc}; cannot tell whether a scrub is pending (run `lmclean audit verify {store}`)") from exc
+    dead = tombstones(store)
+    for rec in records:
+        if rec.get("kind") != "unlearn" or rec.get("keep_data") is not False:
+            continue
+        missing = [int(i) for i in rec.get("forget_ids") or [] if int(i) not in dead]
+        if missing and isinstance(rec.get("seq"), int):
+            result = scrub_samples(store, missing, rec["seq"])
+            done.append(result)
+            dead.update(result.tombstoned)
+    return done
