@@ -20,7 +20,7 @@ from lmclean.audit import AuditLog, model_digest
 from lmclean.audit.history import load_history
 from lmclean.cli.main import app
 from lmclean.store.reader import TrajectoryStore
-from lmclean.train.flat import flat_params
+from lmclean.params import flat_params
 from lmclean.train.model import load_model
 from lmclean.train.trainer import train
 

@@ -13,9 +13,9 @@ from typer.testing import CliRunner
 
 from lmclean.cli.main import app
 from lmclean.store.reader import TrajectoryStore
-from lmclean.train.flat import flat_params
+from lmclean.params import flat_params
 from lmclean.train.model import load_model
-from lmclean.train.optim import SGDRule
+from lmclean.optim import SGDRule
 from lmclean.train.trainer import train
 from lmclean.unlearn import ForgetSet, OperatorSettings, PropagationSettings, propagate
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from lmclean.errors import ConfigError
-from lmclean.train.flat import ParamManifest
-from lmclean.train.optim import SGDRule
+from lmclean.params import ParamManifest
+from lmclean.optim import SGDRule
 from lmclean.unlearn import ForgetSet, InMemoryTrajectory, OperatorSettings, PropagationSettings, propagate
 from lmclean.unlearn.operators import OPERATORS, make_operator
 

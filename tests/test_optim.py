@@ -13,7 +13,7 @@ import torch
 
 from lmclean.config import TrainConfig
 from lmclean.errors import UnsupportedError
-from lmclean.train.optim import (AdamWRule, SGDRule, lr_at, make_rule, rule_from_dict, rule_from_torch,
+from lmclean.optim import (AdamWRule, SGDRule, lr_at, make_rule, rule_from_dict, rule_from_torch,
                                  rule_to_dict)
 
 SHAPES = [(7, 5), (5,), (3, 4, 2), (1,)]

@@ -13,8 +13,8 @@ from conftest import tiny_config, write_rows
 from lmclean.errors import DataError, ModelMismatchError, StoreError, StoreExistsError
 from lmclean.objective import CausalLMObjective, loss_of
 from lmclean.store.reader import TrajectoryStore
-from lmclean.train.flat import ParamManifest
-from lmclean.train.optim import SGDRule
+from lmclean.params import ParamManifest
+from lmclean.optim import SGDRule
 from lmclean.train.recorder import Recorder
 from lmclean.train.trainer import TrainResult, train
 

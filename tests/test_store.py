@@ -21,7 +21,7 @@ from lmclean.store.shard import ENTRY, EMPTY
 from lmclean.store.summary import summarize
 from lmclean.store.writer import store_size_bytes
 from lmclean.train.model import model_from_config_dict
-from lmclean.train.optim import lr_at
+from lmclean.optim import lr_at
 from lmclean.train.recorder import checkpoint_plan
 from lmclean.train.trainer import TrainResult, train
 

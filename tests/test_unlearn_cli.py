@@ -18,7 +18,7 @@ from lmclean.store.scrub import tombstones
 from lmclean.cli.main import app
 from lmclean.errors import DivergenceError
 from lmclean.store import TrajectoryStore
-from lmclean.train.flat import flat_params
+from lmclean.params import flat_params
 from lmclean.train.model import load_model
 from lmclean.train.trainer import train
 from lmclean.unlearn import ForgetSet, OperatorSettings, PropagationSettings, propagate

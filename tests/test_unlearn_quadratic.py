@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmclean.train.optim import AdamWRule, SGDRule
+from lmclean.optim import AdamWRule, SGDRule
 from lmclean.unlearn import ForgetSet, InMemoryTrajectory, OperatorSettings, PropagationSettings, propagate, replay, rollback
 from lmclean.unlearn.lmcleaner import adamw_tangent
 from lmclean.errors import UnsupportedError

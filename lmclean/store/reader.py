@@ -23,8 +23,8 @@ from lmclean.errors import InputNotFoundError, StoreError, StoreVersionError
 from lmclean.store import format as fmt
 from lmclean.store.codec import ChecksumError, ChunkCodec, array_codec
 from lmclean.store.shard import read_row
-from lmclean.train.flat import ParamManifest
-from lmclean.train.optim import UpdateRule, rule_from_dict
+from lmclean.params import ParamManifest
+from lmclean.optim import UpdateRule, rule_from_dict
 
 
 @dataclass

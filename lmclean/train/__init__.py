@@ -1,1 +1,1 @@
-"""Built-in trainer, Recorder API, data loading and the optimizer update rules that replay uses."""
+"""Built-in trainer, Recorder API and data loading (the update rules replay uses are lmclean.optim)."""

@@ -12,7 +12,7 @@ import torch
 
 from lmclean._faults import crash_point
 from lmclean.errors import ConfigError, InputNotFoundError, ModelWriteError
-from lmclean.train.flat import ParamManifest
+from lmclean.params import ParamManifest
 
 
 def fresh_model(config_keys: dict[str, Any], vocab_size: int, max_length: int, seed: int) -> torch.nn.Module:

@@ -21,9 +21,9 @@ from lmclean.errors import ConfigError, DataError, StoreError
 from lmclean.objective import CausalLMObjective
 from lmclean.store.reader import TrajectoryStore
 from lmclean.train.data import Dataset, batch_plan, collate, load_dataset, load_tokenizer
-from lmclean.train.flat import ParamManifest, bind_flat, flat_grads, flat_params
+from lmclean.params import ParamManifest, bind_flat, flat_grads, flat_params
 from lmclean.train.model import fresh_model, load_model, save_model
-from lmclean.train.optim import lr_at, make_rule
+from lmclean.optim import lr_at, make_rule
 from lmclean.train.recorder import Recorder, RecordStats
 
 StepCallback = Callable[[int, int, float, float], None]  # (step, total, loss, lr)

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from lmclean.errors import DataError
 from lmclean.objective import Objective
-from lmclean.train.flat import ParamManifest
+from lmclean.params import ParamManifest
 from lmclean.unlearn.trajectory import Trajectory
 
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lmclean.errors import ConfigError, DivergenceError, UnsupportedError
-from lmclean.train.optim import AdamWRule, SGDRule
+from lmclean.optim import AdamWRule, SGDRule
 from lmclean.unlearn.common import ForgetSet, SweepResult, flat_grad, update_of_step
 from lmclean.unlearn.operators import OPERATORS, CurvatureOperator, OperatorSettings, make_operator
 from lmclean.store import TrajectoryStore

@@ -32,7 +32,7 @@ from lmclean.curvature import (
 )
 from lmclean.errors import ConfigError
 from lmclean.objective import Objective, Params
-from lmclean.train.flat import ParamManifest
+from lmclean.params import ParamManifest
 
 MatVec = Callable[[Tensor], Tensor]
 LazyObjective = Callable[[], Objective]

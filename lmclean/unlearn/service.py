@@ -113,7 +113,7 @@ def start_theta(store: TrajectoryStore, start: StartModel) -> torch.Tensor:
     if start.recorded:
         theta, _ = store.checkpoint(store.committed_steps)
         return theta
-    from lmclean.train.flat import flat_params
+    from lmclean.params import flat_params
     from lmclean.train.model import load_model
 
     model = load_model(start.path)

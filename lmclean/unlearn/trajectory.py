@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 
 from lmclean.objective import CausalLMObjective, Objective, SquaredErrorObjective
-from lmclean.train.flat import ParamManifest
-from lmclean.train.optim import UpdateRule
+from lmclean.params import ParamManifest
+from lmclean.optim import UpdateRule
 
 
 @dataclass
