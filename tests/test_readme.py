@@ -37,7 +37,8 @@ def test_readme_commands_run_in_order(tmp_path: Path) -> None:
     work = tmp_path / "clone"
     shutil.copytree(ROOT / "examples", work / "examples")
     (work / ".venv").symlink_to(Path(sys.prefix))
-    env = {**os.environ, "PATH": f"{Path(sys.prefix) / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}", "COLUMNS": "120"}
+    env = {**os.environ, "PATH": f"{Path(sys.prefix) / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}", "COLUMNS": "120",
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}  # as examples/demo.sh: tiny models, no spinning threads
     done = subprocess.run(["bash", "-euo", "pipefail", "-c", "\n".join(blocks)], cwd=work, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"README command failed:\n{done.stderr[-3000:]}"

@@ -4,6 +4,7 @@ and the help polish every command gets (`PolishedHelp`)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import sys
@@ -171,9 +172,10 @@ class _PlainProgress:
         parts.append(f"elapsed {_clock_text(now - self.began)}")
         if total and rate > 0 and done < total:
             parts.append(f"eta {_clock_text((total - done) / rate)}")
-        try:
-            text = self.fields.format(task=SimpleNamespace(fields=self.values)) if self.fields else ""
-        except (ValueError, TypeError, KeyError):  # a field not set yet, or not a number
+        unset = any(isinstance(v, float) and math.isnan(v) for v in self.values.values())
+        try:  # fields are shown once every one of them has a value
+            text = "" if unset or not self.fields else self.fields.format(task=SimpleNamespace(fields=self.values))
+        except (ValueError, TypeError, KeyError):
             text = ""
         return ", ".join(parts) + (f" | {text}" if text.strip() else "")
 

@@ -13,10 +13,8 @@ from rich.table import Table
 
 from lmclean.cli._app import err, handle_errors, out, print_json, progress_bar
 from lmclean.cli._options import Device
-from lmclean.config import DataConfig
 from lmclean.errors import ConfigError
 
-DEFAULT_DATA_TEMPLATE = DataConfig.template  # the record default (lmclean.eval.report imports torch: loaded when the command runs)
 
 # (key, label, how to read it); rows appear when some model has the key
 METRIC_ROWS: list[tuple[str, str, str]] = [
@@ -75,7 +73,7 @@ def eval_models(
     reference: Annotated[Optional[str], typer.Option("--reference", help="Model retrained without the forget set (`lmclean record --exclude`): enables privleak, residual ratio, KL and forget quality.")] = None,
     original: Annotated[Optional[str], typer.Option("--original", help="The model before unlearning, for the residual ratio (default: the first MODEL).")] = None,
     tofu_dir: Annotated[Optional[Path], typer.Option("--tofu", help="A folder in the TOFU release's layout: adds truth ratio, forget quality and model utility.")] = None,
-    template: Annotated[str, typer.Option("--template", help="Row template used when recording; with {answer} the loss is on the answer given the text before it.", show_default=r"Q: {question}\nA: {answer}")] = DEFAULT_DATA_TEMPLATE,
+    template: Annotated[Optional[str], typer.Option("--template", help="Row template used when recording; with {answer} the loss is on the answer given the text before it.", show_default=r"Q: {question}\nA: {answer}, the record default")] = None,
     id_field: Annotated[str, typer.Option("--id-field", help="Row field holding the sample id ('' = the row number).")] = "id",
     tokenizer: Annotated[Optional[str], typer.Option("--tokenizer", help="`byte` or a tokenizer directory (default: each model directory's own).")] = None,
     generate: Annotated[int, typer.Option("--generate", min=0, help="Greedy answers to show for the first N forget and the first N retain questions (0 = none).")] = 3,
@@ -90,7 +88,7 @@ def eval_models(
 
     Metrics are rows, models are columns. forget_quality (with --tofu and --reference) is a p-value: HIGHER means closer to the retrained reference.
     """
-    from lmclean.eval.report import evaluate, model_specs, prepare  # torch, transformers, scipy: loaded here
+    from lmclean.eval.report import DEFAULT_DATA_TEMPLATE, evaluate, model_specs, prepare  # torch, transformers, scipy: loaded here
     from lmclean.train.data import parse_id_spec
 
     if not forget:
@@ -106,7 +104,7 @@ def eval_models(
     _quiet_transformers()
     specs, (ref_spec, orig_spec) = model_specs(models, [reference, original])
     sets = prepare(data, parse_id_spec(forget), parse_id_spec(retain) if retain else None, holdout,
-                   template, id_field or None, tofu_dir)  # fmt: skip
+                   template or DEFAULT_DATA_TEMPLATE, id_field or None, tofu_dir)  # fmt: skip
     with progress_bar("eval", total=1, fields="{task.fields[stage]}") as advance:
 
         def progress(label: str, done: int, total: int) -> None:

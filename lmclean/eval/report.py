@@ -25,11 +25,12 @@ from typing import Any
 
 import numpy as np
 
+from lmclean.config import DataConfig
 from lmclean.errors import ConfigError, DataError, InputNotFoundError
 from lmclean.eval import metrics, tofu
 from lmclean.train.data import read_rows, row_id
 
-DEFAULT_DATA_TEMPLATE = "Q: {question}\nA: {answer}"
+DEFAULT_DATA_TEMPLATE: str = DataConfig.template  # type: ignore[assignment]  # one default: the record config's
 FORGET_QUALITY_NOTE = (
     "forget_quality is a p-value (KS test of the model's forget-set truth ratios against the reference's): "
     "higher = closer to retraining; above 0.05 TOFU calls the two indistinguishable. It is not a loss."

@@ -17,11 +17,12 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from lmclean.config import DataConfig
 from lmclean.errors import DataError, InputNotFoundError
 from lmclean.eval import metrics
 from lmclean.train.data import read_rows
 
-DEFAULT_TEMPLATE = "Q: {question}\nA: "
+DEFAULT_TEMPLATE: str = DataConfig.template.split("{answer}")[0]  # type: ignore[union-attr]  # the record template's prompt
 FORGET_SPLITS = ("forget01", "forget05", "forget10")
 HOLDOUT_SPLITS = ("holdout01", "holdout05", "holdout10")
 UTILITY_SPLITS = ("retain", "real_authors", "world_facts")

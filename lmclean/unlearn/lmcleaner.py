@@ -32,6 +32,7 @@ import torch
 from lmclean.errors import ConfigError, DivergenceError, UnsupportedError
 from lmclean.optim import AdamWRule, SGDRule
 from lmclean.unlearn.common import ForgetSet, SweepResult, flat_grad, update_of_step
+from lmclean.unlearn.request import DEFAULT_K, Window
 from lmclean.unlearn.operators import OPERATORS, CurvatureOperator, OperatorSettings, make_operator
 from lmclean.store import TrajectoryStore
 from lmclean.unlearn.trajectory import Trajectory
@@ -41,7 +42,7 @@ Progress = Callable[[int, float], None]  # (step, ‖v‖)
 
 @dataclass
 class PropagationSettings:
-    K: int = 800
+    K: int = DEFAULT_K["lmcleaner"]  # type: ignore[assignment]
     damping: float = 1e-4
     divergence_factor: float = 50.0  # ‖v‖ above this × its largest post-injection value = diverged
     on_divergence: str = "stop"  # stop | damp (raise damping ×10 and sweep again, at most 3 times)
@@ -139,7 +140,7 @@ def _sweep(traj: Trajectory, forget: ForgetSet, settings: PropagationSettings, d
         return SweepResult(torch.zeros(traj.manifest.size), "lmcleaner", [], (tau, tau), damping=damping,
                            notes=["no recorded step contains the forget set: nothing to do"])
     first, last = min(affected), max(affected)
-    stop = min(tau, last + settings.K + 1)  # propagate steps first..stop-1, then carry (or tail)
+    stop = Window.of(list(affected), tau, "lmcleaner", settings.K).stop  # propagate first..stop-1, then carry (or tail)
     end = tau if settings.propagates_tail else stop
     assert settings.tail_operator is not None  # set by PropagationSettings.__post_init__
     op = make_operator(settings.operator, traj.manifest)
