@@ -41,15 +41,12 @@ TOKEN_ROWS = 16
 def grad_codec(precision: str, codec: str) -> list[Any]:
     """Compressors of steps/grad (and, with fp32, of the checkpoints).
 
-    fp32 gradients are mostly incompressible mantissa bits. What compresses cheaply is the runs of
-    exact zeros (embedding rows of tokens absent from the batch: 10-16% of the example models'
-    entries, far more with a real vocabulary); bit-shuffling also squeezes the exponent bits, but
-    costs about 4x the CPU for 1.16x more. On CPU training the writer's CPU is taken from
-    training (docs/store-format.md, "Recording cost"), so:
-    - auto: fp32 -> blosc lz4 without shuffle (1.11-1.13x at ~14 GB/s); bf16 -> blosc lz4 with
-      bit-shuffle (users who chose bf16 chose size: 3.1-3.2x vs raw fp32, ~0.3 ms per 1.7 MB row);
-    - blosc: lz4 with bit-shuffle for both (fp32 1.29-1.36x); zstd: zstd level 1; none: raw.
-    clevel 1 encodes 25-30% faster than 5 for 1% less compression.
+    - auto: fp32 -> blosc lz4 without shuffle (finds the cheap part: runs of exact zeros in the
+      embedding rows of absent tokens); bf16 -> blosc lz4 with bit-shuffle (a user who chose bf16
+      chose size);
+    - blosc: lz4 with bit-shuffle for both; zstd: zstd level 1; none: raw.
+    Why not bit-shuffle fp32 by default: about 4x the writer CPU for 1.16x smaller rows, and on
+    CPU training the writer's CPU is taken from training (figures: benchmarks/README.md).
     Every list ends with the crc32c checksum (`checked`).
     """
     typesize = 2 if precision == "bf16" else 4

@@ -4,24 +4,14 @@ A shard file holds the chunks (one row each) of up to S consecutive steps: first
 S entries of (offset, nbytes) as little-endian uint64 (2**64-1, 2**64-1 for a row not written)
 followed by the CRC-32C of those 16*S bytes, padded to SHARD_ALIGN bytes, then the encoded rows
 (each ending in its own CRC-32C) at SHARD_ALIGN-aligned offsets. zarr reads it as
-`sharding_indexed` with `index_location: start` and index codecs `[bytes, crc32c]`. Why this
-layout (measured on the 2-core development machine, where torch's threads keep both cores busy
-and every bit of writer CPU is taken from training):
+`sharding_indexed` with `index_location: start` and index codecs `[bytes, crc32c]`.
 
-- creating a file cost ~0.4 ms of kernel CPU on its ext4 (a 4 KB file as much as a 512 KB one),
-  most of what recording a 131k-parameter gradient cost with a chunk file per step; appending
-  the same row to an open file costs ~0.05-0.09 ms;
-- the rows the writer drained from its queue are staged and written with one write; then the
-  whole index (at most 4 KB + 4 bytes, kept in memory) is rewritten with its new checksum in
-  one more. A crash between the two leaves the rows unreferenced under the old, valid index;
-  an index torn by a power cut fails its checksum; a row the index references but that did
-  not reach the disk fails the row's checksum. No crash leaves a valid-looking reference to
-  half a row (and rows past COMMIT.json's committed steps are ignored anyway);
-- rows are written with O_DIRECT where the file system accepts it: no copy into the page cache
-  and no write-back by kernel threads later (0.08 vs 0.26 ms of CPU per 1.5 MB row). Through the
-  page cache, recording the 427k-parameter examples/small.yaml cost +21% once the write-back of
-  earlier rounds set in, against +7% with O_DIRECT; the index is written through the page cache,
-  in the first bytes of the file, which O_DIRECT writes never touch.
+Why: creating a file per row cost more than encoding and writing the row, so rows are appended
+to an open file (with O_DIRECT where the file system accepts it: no page-cache write-back competing
+with training). Crash safety: the drained rows are written first, then the whole index with its new
+checksum, so a crash leaves new rows unreferenced under the old valid index, and a torn index or
+half-written row fails its checksum. The measurements behind these choices are in
+benchmarks/README.md ("Why the store writer looks as it does").
 
 One writer thread owns every shard (zarr issue #3682: concurrent writers lose data).
 """

@@ -5,26 +5,12 @@ One writer owns every chunk (zarr issue #3682: concurrent writes into one shard 
 the previous committed state visible. The queue is bounded: if the disk is slower than training,
 training waits (back-pressure), memory never grows.
 
-Why the writer looks the way it does (measured on 2 cores with the example model, ~10 ms per
-training step; torch's OpenMP threads keep both cores busy, so every bit of writer CPU is taken
-from training; benchmarks/record_overhead.py):
-- zarr's array API costs ~1 ms and several thread hand-offs per write; the hot path instead
-  encodes each chunk through lmclean/store/codec.py (the codecs the array's metadata names, and
-  the CRC-32C) and writes the chunk file that zarr reads with lmclean/store/atomic.py, relative
-  to an open directory fd.
-- np.dot / np.linalg.norm call BLAS, whose worker threads spin on the cores that torch's OpenMP
-  threads need (+250% step time): the writer calls no BLAS; the gradient norm is computed by the
-  Recorder with torch on the training thread (~35 us, less than the writer took for it).
-- every new file costs ~0.1-0.5 ms of kernel time on ext4 (more while torch keeps both cores
-  busy), and chunk keys with "/" add a directory per step (two for the tokens: 1.6 ms of writer
-  CPU per step, more than the gradient): every array uses "." keys, and the small per-step
-  arrays (lr, loss, grad_norm, sample_ids, weights, lengths) are kept in blocks of BLOCK_ROWS
-  steps, rewritten at each commit instead of a file per step; the tokens in blocks of TOKEN_ROWS
-  steps, filled at each commit after the sample-ids block (so any token chunk on disk has its
-  sample ids on disk). The gradient rows go GRAD_SHARD_ROWS to a shard file, appended in place
-  (lmclean/store/shard.py): a file per step cost ~0.4 ms of kernel CPU. No file is created per step.
-- the writer wakes at most every `batch_wait` seconds and then drains the queue: fewer wake-ups
-  preempting torch's OpenMP threads.
+Why it looks as it does: on CPU training every bit of writer CPU is taken from training. So the
+hot path encodes chunks itself through lmclean/store/codec.py instead of zarr's array API, calls
+no BLAS (its threads spin on torch's cores), creates no file per step (small per-step arrays are
+kept in blocks of BLOCK_ROWS steps and rewritten at each commit, tokens in blocks of TOKEN_ROWS,
+gradient rows appended to shards: lmclean/store/shard.py), and wakes at most every `batch_wait`
+seconds. The measurements are in benchmarks/README.md ("Why the store writer looks as it does").
 Commits are throttled to one per `commit_interval` seconds, plus one at every checkpoint and one
 when the writer stops (close/abort): a crash (SIGKILL) loses at most that much work.
 """
