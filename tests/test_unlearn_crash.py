@@ -40,7 +40,7 @@ def _unlearn(store: Path, out: Path, crash_at: str | None = None, **popen) -> su
     if crash_at:
         env["LMCLEAN_CRASH_AT"] = crash_at
     cmd = [sys.executable, "-m", "lmclean", "unlearn", str(store), "--forget", str(FORGET),
-           "--method", "lmcleaner", "--out", str(out)]
+           "--method", "rollback", "--out", str(out)]  # the boundaries do not depend on the method
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
 
 
