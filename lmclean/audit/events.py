@@ -17,12 +17,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import zarr
 
 import lmclean
 from lmclean.audit.digest import model_digest
 from lmclean.audit.log import AuditLog, canonical_json
-from lmclean.store.scrub import tombstones
 from lmclean.errors import DataError, StoreError
 
 __all__ = [
@@ -62,6 +60,8 @@ def dataset_digest(store_dir: Path | str) -> str:
 
     Ties a record to the exact data set recorded (each line ``<id> <fingerprint hex>\\n``).
     """
+    import zarr  # not at module level: `audit show` must not pay for it
+
     store = Path(store_dir)
     try:
         ids = np.asarray(zarr.open_array(str(store / "samples/id"), mode="r")[:])
@@ -244,6 +244,8 @@ def check_not_tombstoned(store_dir: Path | str, ids: Sequence[int]) -> None:
     Raises AlreadyUnlearnedError naming, for each such sample, the audit record that removed it:
     ``sample 17 was already unlearned by audit record 3 (request r-1, 2026-01-02T…Z); nothing to do``.
     """
+    from lmclean.store.scrub import tombstones
+
     dead = tombstones(store_dir)
     hit = sorted({int(i) for i in ids if int(i) in dead})
     if not hit:

@@ -10,7 +10,10 @@ from pathlib import Path
 
 from lmclean.audit.log import AuditLog
 from lmclean.errors import AuditError
-from lmclean.store.scrub import ScrubResult, finish_scrub_intent, scrub_samples, tombstones
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lmclean.store.scrub import ScrubResult
 
 __all__ = ["finish_pending_scrub"]
 
@@ -24,6 +27,8 @@ def finish_pending_scrub(store_dir: Path | str) -> list[ScrubResult]:
 
     Returns what was done ([] when nothing was pending). Raises AuditError on a damaged log.
     """
+    from lmclean.store.scrub import finish_scrub_intent, scrub_samples, tombstones
+
     store = Path(store_dir)
     done: list[ScrubResult] = []
     first = finish_scrub_intent(store)

@@ -41,11 +41,6 @@ _FIELD_ORDER = [
 _CHAIN_TAIL = ["prev", "signed", "digest", "hmac"]
 
 
-def register(app: typer.Typer) -> None:
-    """Add the `audit` command group to the main app (called by lmclean.cli.main)."""
-    app.add_typer(audit_app, name="audit")
-
-
 def _open_log(store: Path) -> AuditLog:
     from lmclean.audit import AuditLog
 

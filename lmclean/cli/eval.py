@@ -73,7 +73,7 @@ def eval_models(
     reference: Annotated[Optional[str], typer.Option("--reference", help="Model retrained without the forget set (`lmclean record --exclude`): enables privleak, residual ratio, KL and forget quality.")] = None,
     original: Annotated[Optional[str], typer.Option("--original", help="The model before unlearning, for the residual ratio (default: the first MODEL).")] = None,
     tofu_dir: Annotated[Optional[Path], typer.Option("--tofu", help="A folder in the TOFU release's layout: adds truth ratio, forget quality and model utility.")] = None,
-    template: Annotated[Optional[str], typer.Option("--template", help="Row template used when recording; with {answer} the loss is on the answer given the text before it.", show_default=r"Q: {question}\nA: {answer}, the record default")] = None,
+    template: Annotated[Optional[str], typer.Option("--template", help="Row template used when recording (a typed \\n is a newline); with {answer} the loss is on the answer given the text before it.", show_default=r"Q: {question}\nA: {answer}, the record default")] = None,
     id_field: Annotated[str, typer.Option("--id-field", help="Row field holding the sample id ('' = the row number).")] = "id",
     tokenizer: Annotated[Optional[str], typer.Option("--tokenizer", help="`byte` or a tokenizer directory (default: each model directory's own).")] = None,
     generate: Annotated[int, typer.Option("--generate", min=0, help="Greedy answers to show for the first N forget and the first N retain questions (0 = none).")] = 3,
@@ -104,7 +104,7 @@ def eval_models(
     _quiet_transformers()
     specs, (ref_spec, orig_spec) = model_specs(models, [reference, original])
     sets = prepare(data, parse_id_spec(forget), parse_id_spec(retain) if retain else None, holdout,
-                   template or DEFAULT_DATA_TEMPLATE, id_field or None, tofu_dir)  # fmt: skip
+                   (template or DEFAULT_DATA_TEMPLATE).replace("\\n", "\n"), id_field or None, tofu_dir)  # fmt: skip
     with progress_bar("eval", total=1, fields="{task.fields[stage]}") as advance:
 
         def progress(label: str, done: int, total: int) -> None:
@@ -178,7 +178,3 @@ def render(report: dict[str, Any]) -> None:
         out.print(gen)
     for note in report["notes"]:
         out.print(f"note: {escape(note)}")
-
-
-def register(app: typer.Typer) -> None:
-    app.command("eval")(eval_models)

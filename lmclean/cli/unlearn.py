@@ -92,7 +92,3 @@ def unlearn(
         err.print(f"note: {note}")
     scrubbed = f"; scrubbed their tokens from {report['scrubbed_steps']} steps" if "scrubbed_steps" in report else " (data kept)"
     err.print(f"audit record {report['audit_seq']} (request {report['request_id']}){scrubbed}")
-
-
-def register(app: typer.Typer) -> None:
-    app.command("unlearn")(unlearn)

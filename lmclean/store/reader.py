@@ -13,19 +13,22 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 import zarr
 
 from lmclean.errors import InputNotFoundError, StoreError, StoreVersionError
 from lmclean.store import format as fmt
 from lmclean.store.codec import ChecksumError, ChunkCodec, array_codec
 from lmclean.store.shard import read_row
-from lmclean.params import ParamManifest
-from lmclean.optim import UpdateRule, rule_from_dict
 
+
+if TYPE_CHECKING:  # torch (2-3 s to import) is loaded only when θ is: `inspect-log` never needs it
+    import torch
+
+    from lmclean.optim import UpdateRule
+    from lmclean.params import ParamManifest
 
 @dataclass
 class StepRecord:
@@ -63,13 +66,23 @@ class TrajectoryStore:
         self.meta: dict[str, Any] = meta
         self._readers: dict[str, _ChunkReader] = {}  # per array: direct chunk reads through the codec path
         self._seen_committed = 0  # committed steps last read from COMMIT.json (see _check_step)
-        self.manifest = ParamManifest.from_list(meta["manifest"])
-        self.rule: UpdateRule = rule_from_dict(meta["optimizer"])
         try:
             self._steps = self.root["steps"]
             self._ck = self.root["checkpoints"]
         except KeyError as exc:
             raise StoreError(f"store {self.path} lacks the group {exc}; it is damaged or not an lmclean store") from exc
+
+    @cached_property
+    def manifest(self) -> ParamManifest:
+        from lmclean.params import ParamManifest
+
+        return ParamManifest.from_list(self.meta["manifest"])
+
+    @cached_property
+    def rule(self) -> UpdateRule:
+        from lmclean.optim import rule_from_dict
+
+        return rule_from_dict(self.meta["optimizer"])
 
     # -- commit state ---------------------------------------------------------------------
     def commit_state(self) -> dict[str, Any]:
@@ -167,6 +180,8 @@ class TrajectoryStore:
 
     def grad(self, t: int) -> torch.Tensor:
         """Mean batch gradient g[t] as float32 (P,), decoded from the bf16 bits when stored so."""
+        import torch
+
         self._check_step(t)
         raw = self._row("steps/grad", t)
         if self.meta["precision"] == "bf16":
@@ -198,6 +213,8 @@ class TrajectoryStore:
     # -- checkpoints and θ replay -------------------------------------------------------------
     def checkpoint(self, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """θ and optimizer state saved before step `step`."""
+        import torch
+
         if step not in self.checkpoint_steps:
             raise StoreError(f"store {self.path} has no committed checkpoint at step {step}; "
                              f"checkpoints: {self.checkpoint_steps}")
