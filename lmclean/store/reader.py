@@ -9,7 +9,7 @@ never silent zeros or fill values.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -263,6 +263,18 @@ class TrajectoryStore:
     @property
     def model_dir(self) -> Path:
         return self.path / fmt.MODEL_DIR
+
+    def occurrences(self, sample_ids: Iterable[int]) -> dict[int, list[int]]:
+        """step -> the given samples in that step's batch, over the committed steps: the one answer to
+        "which steps hold these ids" (scrub alone also reads rows past the commit point)."""
+        ids = self.all_sample_ids()  # (T, B)
+        wanted = np.fromiter((int(i) for i in sample_ids), dtype=np.int64)
+        out: dict[int, list[int]] = {}
+        if not len(wanted):
+            return out
+        for t, b in zip(*np.nonzero(np.isin(ids, wanted))):
+            out.setdefault(int(t), []).append(int(ids[t, b]))
+        return out
 
     def sample_positions(self, sample_id: int) -> list[tuple[int, int]]:
         """(step, batch position) of every committed occurrence of a sample."""

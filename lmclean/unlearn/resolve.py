@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 from lmclean.config import DataConfig
 from lmclean.errors import DataError
 from lmclean.store.reader import TrajectoryStore
@@ -57,7 +55,7 @@ def resolve_forget(store: TrajectoryStore, spec: ForgetSpec) -> ResolvedForget:
         all_ids = store.all_sample_ids()  # (T, B)
         hit = set(step_ids)
         if ids:
-            hit |= {int(t) for t in np.nonzero(np.isin(all_ids, ids).any(axis=1))[0]}
+            hit |= set(store.occurrences(ids))
         removed = {int(i) for t in hit for i in all_ids[t] if i >= 0}
         return ResolvedForget(ForgetSet(steps=hit), tuple(ids), fps, "batch", tuple(sorted(hit)),
                               len(removed - set(ids)))

@@ -106,12 +106,7 @@ class StoreTrajectory:
         return not any(int(i) in self.tombstoned for i in self._record(t).sample_ids)
 
     def occurrences(self, sample_ids: set[int]) -> dict[int, list[int]]:
-        ids = self.store.all_sample_ids()  # (T, B)
-        out: dict[int, list[int]] = {}
-        mask = np.isin(ids, np.fromiter(sample_ids, dtype=np.int64)) if sample_ids else np.zeros_like(ids, dtype=bool)
-        for t, b in zip(*np.nonzero(mask)):
-            out.setdefault(int(t), []).append(int(ids[t, b]))
-        return out
+        return self.store.occurrences(sample_ids)
 
 
 class InMemoryTrajectory:
