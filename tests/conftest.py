@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -51,3 +52,22 @@ def error_line(result) -> str:  # noqa: ANN001 - a typer.testing Result
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     return lines[0]
+
+
+@pytest.fixture(scope="module")
+def recorded_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny store (16 samples, ids 100..115, 3 epochs) recorded once per test module."""
+    from lmclean.train.trainer import train
+
+    tmp = tmp_path_factory.mktemp("recorded")
+    path = tmp / "run.zarr"
+    train(tiny_config(write_rows(tmp / "data.jsonl", n=16), **{"train.epochs": 3}), path)
+    return path
+
+
+@pytest.fixture
+def store_copy(recorded_store: Path, tmp_path: Path) -> Path:
+    """A private copy of `recorded_store` for a test that unlearns, scrubs or damages it."""
+    copy = tmp_path / "run.zarr"
+    shutil.copytree(recorded_store, copy)
+    return copy

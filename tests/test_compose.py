@@ -28,20 +28,14 @@ pytestmark = pytest.mark.slow
 A, B = 103, 110
 
 
-@pytest.fixture(scope="module")
-def recorded(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tmp = tmp_path_factory.mktemp("compose")
-    data = write_rows(tmp / "data.jsonl", n=16)
-    path = tmp / "run.zarr"
-    train(tiny_config(data, **{"train.epochs": 3}), path)
-    return path
+@pytest.fixture
+def recorded(recorded_store: Path) -> Path:
+    return recorded_store
 
 
 @pytest.fixture
-def store(recorded: Path, tmp_path: Path) -> Path:
-    copy = tmp_path / "run.zarr"
-    shutil.copytree(recorded, copy)
-    return copy
+def store(store_copy: Path) -> Path:
+    return store_copy
 
 
 def _run(*args: str) -> object:

@@ -20,19 +20,9 @@ from lmclean.train.trainer import train
 FORGET = 103
 
 
-@pytest.fixture(scope="module")
-def recorded(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tmp = tmp_path_factory.mktemp("clobber")
-    path = tmp / "run.zarr"
-    train(tiny_config(write_rows(tmp / "data.jsonl", n=12)), path)
-    return path
-
-
 @pytest.fixture
-def store(recorded: Path, tmp_path: Path) -> Path:
-    copy = tmp_path / "run.zarr"
-    shutil.copytree(recorded, copy)
-    return copy
+def store(store_copy: Path) -> Path:
+    return store_copy
 
 
 def _run(*args: object) -> object:
