@@ -317,7 +317,9 @@ def _write_and_audit(p: Prepared, options: UnlearnOptions, who: Requester, theta
     save_model(model, load_tokenizer(p.store.meta["tokenizer"]), staged,
                extra_files={"unlearn_report.json": json.dumps(report, indent=1)})
     request_id = who.request_id or new_request_id()
-    pending = PendingPublish(p.store.path, staged, p.out, model_digest(staged), request_id, overwrite=p.out.exists())
+    out = p.out.absolute()  # the audit names the current model by a path that works from any directory
+    pending = PendingPublish(p.store.path, staged.absolute(), out, model_digest(staged), request_id,
+                             overwrite=p.out.exists())
     pending.write()
     crash_point("unlearn:after-model")
     record = unlearn_event(
@@ -326,7 +328,7 @@ def _write_and_audit(p: Prepared, options: UnlearnOptions, who: Requester, theta
         level=p.resolved.level, method=report["method"], K=report["K"], hvp=report["hvp"], damping=report["damping"],
         noise_sigma=report["noise_sigma"], steps_touched=report["steps_touched"],
         curvature_products=report["curvature_products"], v_norms=norms, divergence_check=report["divergence_check"],
-        model_before_dir=p.start.path, output_dir=staged, output_path=p.out, keep_data=who.keep_data,
+        model_before_dir=p.start.path, output_dir=staged, output_path=out, keep_data=who.keep_data,
         wall_time=report["wall_seconds"],
         extra={"base_unrelated": p.start.unrelated, "composes_with": report["composes_with"],
                "also_excluded_ids": report["also_excluded_ids"]})
