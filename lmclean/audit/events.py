@@ -182,6 +182,7 @@ def unlearn_event(
     wall_time: float,
     output_path: Path | str | None = None,
     extra: Mapping[str, Any] | None = None,
+    digests: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
     """Append the record of one unlearning request and return it as stored (with its ``seq``).
 
@@ -192,6 +193,8 @@ def unlearn_event(
     ``request_id`` None draws a fresh one (``new_request_id``); a request id already in the log is
     refused (DataError naming the record that used it). ``v_norms`` is the full ‖v‖ trace (it is
     summarised, not stored); ``divergence_check`` a line or a JSON-serialisable dict.
+    ``digests`` (before, output), when the caller has hashed both already: a large model is hashed
+    once, not twice.
     """
     log = AuditLog(store_dir)
     ids = [int(i) for i in forget_ids]
@@ -217,8 +220,8 @@ def unlearn_event(
         "curvature_products": int(curvature_products),
         "v_norm_summary": v_norm_summary(v_norms),
         "divergence_check": dict(divergence_check) if isinstance(divergence_check, Mapping) else str(divergence_check),
-        "model_digest_before": model_digest(model_before_dir),
-        "output_model_digest": model_digest(output_dir),
+        "model_digest_before": digests[0] if digests else model_digest(model_before_dir),
+        "output_model_digest": digests[1] if digests else model_digest(output_dir),
         "output_path": str(output_path if output_path is not None else output_dir),
         "keep_data": bool(keep_data),
         "lmclean_version": lmclean.__version__,

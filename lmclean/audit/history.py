@@ -66,7 +66,7 @@ class ModelHistory:
             return self.store / MODEL_SUBDIR
         return Path(cur.output_path)
 
-    def require_current(self) -> tuple[Path, str | None]:
+    def require_current(self) -> tuple[Path, str]:
         """(path, digest) of the current model, checked against the log; AuditError naming the path
         and ``--base`` when it is missing or its weights differ from what the log recorded."""
         path = self.current_path

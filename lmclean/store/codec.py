@@ -9,7 +9,9 @@ tests/test_store.py reads every array with zarr too). Every decode verifies the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import google_crc32c
@@ -30,6 +32,25 @@ class ChecksumError(StoreError):
     def __init__(self, message: str, part: str = "") -> None:
         super().__init__(message)
         self.part = part
+
+
+def checked_chunk(read: Callable[[], np.ndarray | None], store: Path, name: str, where: str) -> np.ndarray:
+    """Run one chunk read and turn every way it can fail into one StoreError naming the store, the
+    array and `where` (e.g. "step 17"): a checksum mismatch, bytes that do not decode, a missing file."""
+    try:
+        chunk = read()
+    except ChecksumError as exc:
+        detail = f" ({exc.part})" if exc.part else ""
+        raise StoreError(f"store {store}: array {name} at {where} fails its checksum{detail}; the store is damaged: "
+                         f"run `lmclean check {store}`") from None
+    except StoreError as exc:
+        raise StoreError(f"store {store}: array {name} at {where} is unreadable ({exc}); the store is damaged") from exc
+    except Exception as exc:  # numcodecs raises many types for a corrupted chunk
+        raise StoreError(f"store {store}: array {name} at {where} is unreadable ({type(exc).__name__}: {exc}); the "
+                         "store is damaged") from exc
+    if chunk is None:
+        raise StoreError(f"store {store}: array {name} has no data at {where} (chunk file missing); the store is damaged")
+    return chunk
 
 
 def crc32c(data: Any) -> bytes:

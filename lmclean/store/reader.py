@@ -20,7 +20,7 @@ import zarr
 
 from lmclean.errors import InputNotFoundError, StoreError, StoreVersionError
 from lmclean.store import format as fmt
-from lmclean.store.codec import ChecksumError, ChunkCodec, array_codec
+from lmclean.store.codec import ChecksumError, ChunkCodec, array_codec, checked_chunk
 from lmclean.store.shard import read_row
 
 
@@ -131,22 +131,7 @@ class TrajectoryStore:
         StoreError naming the array and `where` (e.g. "step 17") when it fails its checksum, does
         not decode, or was never written."""
         reader = self.reader(name)
-        try:
-            chunk = reader.chunk(index)
-        except ChecksumError as exc:
-            detail = f" ({exc.part})" if exc.part else ""
-            raise StoreError(f"store {self.path}: array {name} at {where} fails its checksum{detail}; the store is "
-                             f"damaged: run `lmclean check {self.path}`") from None
-        except StoreError as exc:
-            raise StoreError(f"store {self.path}: array {name} at {where} is unreadable ({exc}); the store is "
-                             "damaged") from exc
-        except Exception as exc:  # numcodecs raises many types for a corrupted chunk
-            raise StoreError(f"store {self.path}: array {name} at {where} is unreadable ({type(exc).__name__}: "
-                             f"{exc}); the store is damaged") from exc
-        if chunk is None:
-            raise StoreError(f"store {self.path}: array {name} has no data at {where} (chunk file missing); "
-                             "the store is damaged")
-        return chunk
+        return checked_chunk(lambda: reader.chunk(index), self.path, name, where)
 
     def _row(self, name: str, index: int, step: int | None = None) -> np.ndarray:
         """Row `index` of array `name` (e.g. "steps/grad"); a never-written chunk is an error, not fill.

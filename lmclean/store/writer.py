@@ -34,7 +34,7 @@ from lmclean.errors import StoreError, StoreExistsError
 from lmclean.store import format as fmt
 from lmclean.store.atomic import PARTIAL_SUFFIX, DirSync, atomic_write_json
 from lmclean.store.atomic import atomic_write_bytes as _atomic_write
-from lmclean.store.codec import ChecksumError, array_codec
+from lmclean.store.codec import array_codec, checked_chunk
 from lmclean.store.shard import ShardRowArray
 
 
@@ -148,17 +148,7 @@ class BlockArray(ChunkFiles):
         self.dirty = False
         lo = self.block * self.rows
         if start > lo:
-            try:
-                kept = self.read_chunk(self.block)
-            except ChecksumError:
-                raise StoreError(f"store {store_path}: array {self.name} at step {lo} fails its checksum; the store "
-                                 f"is damaged: run `lmclean check {store_path}`") from None
-            except Exception as exc:  # numcodecs raises many types for a damaged chunk
-                raise StoreError(f"store {store_path}: array {self.name} rows {lo}..{start - 1} are unreadable "
-                                 f"({exc})") from exc
-            if kept is None:
-                raise StoreError(f"store {store_path}: array {self.name} has no data at step {lo} (chunk file "
-                                 "missing); the store is damaged")
+            kept = checked_chunk(lambda: self.read_chunk(self.block), store_path, self.name, f"step {lo}")
             self.buf[: start - lo] = kept[: start - lo]
 
     def set(self, index: int, row: Any) -> None:

@@ -87,7 +87,7 @@ def starting_point(store: TrajectoryStore, history: Any, output: OutputSpec, met
 
     if output.base is None:
         path, digest = history.require_current()
-        return StartModel(path, digest or "", recorded=path == store.model_dir)
+        return StartModel(path, digest, recorded=path == store.model_dir)
     if method == "replay":
         raise ConfigError("--base has no effect with --method replay: replay re-runs the recorded training without every "
                           "forgotten sample; omit --base")
@@ -318,8 +318,8 @@ def _write_and_audit(p: Prepared, options: UnlearnOptions, who: Requester, theta
                extra_files={"unlearn_report.json": json.dumps(report, indent=1)})
     request_id = who.request_id or new_request_id()
     out = p.out.absolute()  # the audit names the current model by a path that works from any directory
-    pending = PendingPublish(p.store.path, staged.absolute(), out, model_digest(staged), request_id,
-                             overwrite=p.out.exists())
+    digest = model_digest(staged)
+    pending = PendingPublish(p.store.path, staged.absolute(), out, digest, request_id, overwrite=p.out.exists())
     pending.write()
     crash_point("unlearn:after-model")
     record = unlearn_event(
@@ -329,7 +329,7 @@ def _write_and_audit(p: Prepared, options: UnlearnOptions, who: Requester, theta
         noise_sigma=report["noise_sigma"], steps_touched=report["steps_touched"],
         curvature_products=report["curvature_products"], v_norms=norms, divergence_check=report["divergence_check"],
         model_before_dir=p.start.path, output_dir=staged, output_path=out, keep_data=who.keep_data,
-        wall_time=report["wall_seconds"],
+        wall_time=report["wall_seconds"], digests=(p.start.digest, digest),
         extra={"base_unrelated": p.start.unrelated, "composes_with": report["composes_with"],
                "also_excluded_ids": report["also_excluded_ids"]})
     crash_point("unlearn:after-audit")
