@@ -44,21 +44,25 @@ class CausalLMObjective:
     """Σ_i w_i · (mean token cross-entropy of sample i) for a causal LM on a padded batch.
 
     ``input_ids`` (B, L) right-padded, ``lengths`` (B,) real token counts, ``weights`` (B,) the
-    recorded per-sample loss weights. Token n of sample i (a predicted position) gets coefficient
-    c_n = w_i / (len_i − 1); the loss is Σ_n c_n CE(logits_n, y_n) over predicted positions only.
+    recorded per-sample loss weights, ``loss_mask`` (B, L) optional: token n is a target only
+    where it is True (a Trainer's labels != −100). Target token n of sample i gets coefficient
+    w_i / n_i (n_i: sample i's targets, len_i − 1 without a mask); the loss is Σ c_n CE over targets.
     """
 
     model: torch.nn.Module
     input_ids: Tensor  # (B, L) int64
     lengths: Tensor  # (B,) int64
     weights: Tensor  # (B,) float
+    loss_mask: Tensor | None = None  # (B, L) bool
 
     def __post_init__(self) -> None:
         B, L = self.input_ids.shape
         pos = torch.arange(L - 1, device=self.input_ids.device)  # predicted positions 0..L-2
         self._valid = pos[None, :] < (self.lengths[:, None] - 1)  # (B, L-1) position n predicts n+1
+        if self.loss_mask is not None:
+            self._valid = self._valid & self.loss_mask[:, 1:].to(torch.bool)
         self._targets = self.input_ids[:, 1:][self._valid]  # (N,)
-        n_pred = (self.lengths - 1).clamp(min=1).to(self.weights.dtype)
+        n_pred = self._valid.sum(1).clamp(min=1).to(self.weights.dtype)
         coef = (self.weights / n_pred)[:, None].expand(B, L - 1)  # (B, L-1)
         self._coef = coef[self._valid]  # (N,)
         self._attention_mask = (
@@ -84,8 +88,9 @@ class CausalLMObjective:
         unbiased estimate of the batch's curvature), padding trimmed to the longest kept sample."""
         w = self.weights[rows]  # (b,)
         width = int(self.lengths[rows].max())
+        mask = None if self.loss_mask is None else self.loss_mask[rows, :width]
         return CausalLMObjective(self.model, self.input_ids[rows, :width], self.lengths[rows],
-                                 w * (self.weights.sum() / w.sum()))
+                                 w * (self.weights.sum() / w.sum()), mask)
 
     def output_hvp(self, out: Tensor, u: Tensor) -> Tensor:
         # Softmax-CE Hessian w.r.t. logits is c_n (diag p − p pᵀ): (N, V) ⊙ ... without forming V×V.

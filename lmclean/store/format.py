@@ -18,7 +18,10 @@ MISSING_BF16 = 0xFFFF  # a bfloat16 NaN
 
 
 # Arrays under steps/: per-step scalars (float64, (T,)) and the per-step rows.
-STEP_SCALARS = ("lr", "loss", "grad_norm")
+# clip: the factor the gradient was scaled by before the update (1.0: not clipped); grad holds the
+# applied (clipped) gradient and grad_norm its norm before clipping. Stores written before clipping
+# was recorded lack steps/clip: it reads as 1.0.
+STEP_SCALARS = ("lr", "loss", "grad_norm", "clip")
 STEP_ARRAYS = (*STEP_SCALARS, "grad", "sample_ids", "weights", "lengths", "tokens")
 # One row per chunk: the gradient. Its chunks are stored GRAD_SHARD_ROWS to a file (Zarr v3
 # sharding, index at the start of the file with its own checksum), appended in place by the writer: on the
@@ -36,6 +39,8 @@ BLOCK_ROWS = 256
 # step cost 0.26 ms of writer CPU per step, and a 256-row block (1.3 MB) re-encoded at every commit
 # would cost as much. `lmclean audit` scrubs them chunk by chunk (rows per chunk from the metadata).
 TOKEN_ROWS = 16
+# A store with meta "label_mask": true records which positions are loss targets (a Trainer's labels
+# −100 where not) inside the tokens array: a position that is not a target holds −(id + 1).
 
 
 def grad_codec(precision: str, codec: str) -> list[Any]:

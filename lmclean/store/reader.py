@@ -35,11 +35,13 @@ class StepRecord:
     step: int
     lr: float
     loss: float
-    grad_norm: float
+    grad_norm: float  # before clipping
     sample_ids: np.ndarray  # (b,) int64
     weights: np.ndarray  # (b,) float64
     tokens: np.ndarray  # (b, L) int32, right padded
     lengths: np.ndarray  # (b,) int32
+    clip: float = 1.0  # factor the stored (applied) gradient was clipped by
+    loss_mask: np.ndarray | None = None  # (b, L) bool: position n is a loss target; None: every position
 
 
 class TrajectoryStore:
@@ -158,10 +160,26 @@ class TrajectoryStore:
         lengths = self._row("steps/lengths", t)[keep]
         tokens = self._row("steps/tokens", t)[keep]
         width = int(lengths.max()) if len(lengths) else 1
+        tokens, mask = tokens[:, :width], None
+        if self.meta.get("label_mask"):  # non-target positions are stored as −(id + 1)
+            mask = tokens >= 0
+            tokens = np.where(mask, tokens, -tokens - 1)
         return StepRecord(
             step=t, lr=float(self._row("steps/lr", t)), loss=float(self._row("steps/loss", t)),
             grad_norm=float(self._row("steps/grad_norm", t)), sample_ids=ids[keep],
-            weights=self._row("steps/weights", t)[keep], tokens=tokens[:, :width], lengths=lengths)
+            weights=self._row("steps/weights", t)[keep], tokens=tokens, lengths=lengths,
+            clip=float(self._row("steps/clip", t)) if self.has_clip else 1.0, loss_mask=mask)
+
+    @cached_property
+    def has_clip(self) -> bool:
+        """Whether the store records a clip factor per step (stores before it was added do not)."""
+        return "clip" in self.root["steps"]
+
+    @property
+    def max_grad_norm(self) -> float | None:
+        """The clipping threshold C of the recorded run (None: not clipped)."""
+        c = self.meta.get("max_grad_norm")
+        return float(c) if c else None
 
     def grad(self, t: int) -> torch.Tensor:
         """Mean batch gradient g[t] as float32 (P,), decoded from the bf16 bits when stored so."""
@@ -177,6 +195,8 @@ class TrajectoryStore:
         """A per-step scalar array (lr, loss, grad_norm) over committed steps."""
         if name not in fmt.STEP_SCALARS:
             raise StoreError(f"no per-step scalar {name!r}; use one of {list(fmt.STEP_SCALARS)}")
+        if name == "clip" and not self.has_clip:
+            return np.ones(self.committed_steps)
         return self.rows(f"steps/{name}", self.committed_steps)
 
     def all_sample_ids(self) -> np.ndarray:

@@ -44,12 +44,13 @@ class StepRow:
     lr: float
     loss: float
     grad: np.ndarray  # (P,) as stored: float32, or the uint16 bits of bfloat16 in a bf16 store
-    grad_norm: float  # ‖g‖₂ of the gradient as computed (before any rounding)
+    grad_norm: float  # ‖g‖₂ of the gradient as computed, before clipping and any rounding
     sample_ids: np.ndarray  # (b,) int64, b <= B
     weights: np.ndarray  # (b,) float64
     tokens: np.ndarray  # (b, L') int32
     lengths: np.ndarray  # (b,) int32
     pooled: bool = False  # grad is a buffer of the writer's pool (grad_buffer): returned once written
+    clip: float = 1.0  # factor the applied gradient `grad` was clipped by
 
 
 @dataclass
@@ -218,7 +219,9 @@ class StoreWriter:
         self._plan = list(meta["checkpoint_plan"])
         steps = root["steps"]
         self._rows = {name: ShardRowArray(self.path, steps[name]) for name in fmt.ROW_ARRAYS}
-        self._blocks = {name: BlockArray(self.path, steps[name], committed_steps) for name in fmt.BLOCK_ARRAYS}
+        # (a store written before steps/clip existed has no such array: its steps are all unclipped)
+        self._blocks = {name: BlockArray(self.path, steps[name], committed_steps) for name in fmt.BLOCK_ARRAYS
+                        if name in steps}
         self._tokens = BlockArray(self.path, steps["tokens"], committed_steps)  # filled at commits only
         self._ck = {name: RowArray(self.path, arr) for name, arr in root["checkpoints"].arrays()}
         for arr in (*self._rows.values(), *self._blocks.values(), self._tokens, *self._ck.values()):
@@ -357,8 +360,12 @@ class StoreWriter:
         lens = np.zeros(self._B, dtype=np.int32)
         lens[:b] = row.lengths
         for name, value in (("sample_ids", ids), ("weights", w), ("lengths", lens), ("lr", row.lr),
-                            ("loss", row.loss), ("grad_norm", row.grad_norm)):
-            k[name].set(t, value)
+                            ("loss", row.loss), ("grad_norm", row.grad_norm), ("clip", row.clip)):
+            if name in k:
+                k[name].set(t, value)
+            elif value != 1.0:
+                raise StoreError(f"step {t} was clipped (factor {value:.4g}) but store {self.path} predates recorded "
+                                 "clipping; record into a new store")
         self.committed_steps = t + 1  # (in memory; COMMIT.json follows at the next commit)
         self._dirty = True
         if (time.monotonic() - self._last_commit >= self.commit_interval

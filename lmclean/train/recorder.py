@@ -54,7 +54,13 @@ class Recorder:
                fingerprints: list[str], precision: str = "fp32", codec: str = "auto",
                config: dict[str, Any] | None = None, model_config: dict[str, Any] | None = None,
                tokenizer: str = "external", pad_id: int = 0, excluded_ids: list[int] | None = None,
-               overwrite: bool = False, queue_size: int = 8, extra: dict[str, Any] | None = None) -> "Recorder":
+               overwrite: bool = False, queue_size: int = 8, extra: dict[str, Any] | None = None,
+               max_grad_norm: float | None = None, label_mask: bool = False,
+               extra_checkpoints: list[int] | None = None) -> "Recorder":
+        """A new store. `max_grad_norm`: the run clips gradients to this norm (record_step gets the
+        clipped gradient and the factor); `label_mask`: batches carry a loss mask (record_step's
+        `loss_mask`); `extra_checkpoints`: steps checkpointed besides every `checkpoint_every`
+        (e.g. where a Trainer saves, so its resume can reopen the store there)."""
         path = Path(path)
         if path.exists():
             if not overwrite:
@@ -63,7 +69,8 @@ class Recorder:
                 _clear_store(path)
             else:
                 raise StoreExistsError(f"{path} exists and is not an lmclean store; refusing to overwrite it")
-        plan = checkpoint_plan(planned_steps, checkpoint_every)
+        plan = sorted(set(checkpoint_plan(planned_steps, checkpoint_every))
+                      | {s for s in (extra_checkpoints or []) if 0 <= s <= planned_steps})
         meta = {
             "format_version": fmt.FORMAT_VERSION,
             "lmclean_version": lmclean.__version__,
@@ -85,6 +92,8 @@ class Recorder:
             "codec": codec,
             "excluded_ids": sorted(excluded_ids or []),
             "loss": "sum_i w_i * mean token cross-entropy of sample i (weights fixed per step)",
+            "max_grad_norm": float(max_grad_norm) if max_grad_norm else None,
+            "label_mask": bool(label_mask),
             **(extra or {}),
         }
         fps = np.array([np.frombuffer(bytes.fromhex(f), dtype=np.uint8) for f in fingerprints], dtype=np.uint8).reshape(-1, 32)
@@ -113,17 +122,20 @@ class Recorder:
             return
         self._saved.add(step)
         self.writer.put(CheckpointRow(
-            index=self.plan.index(step), step=step, theta=theta.detach().float().numpy().copy(),
-            state={k: v.detach().float().numpy().copy() for k, v in opt_state.items()}))
+            index=self.plan.index(step), step=step, theta=theta.detach().float().cpu().numpy().copy(),
+            state={k: v.detach().float().cpu().numpy().copy() for k, v in opt_state.items()}))
 
     def record_step(self, step: int, *, lr: float, loss: float, sample_ids: list[int] | np.ndarray,
                     weights: list[float] | np.ndarray | torch.Tensor, input_ids: torch.Tensor,
                     lengths: torch.Tensor, grad: torch.Tensor, theta: torch.Tensor | None = None,
-                    opt_state: dict[str, torch.Tensor] | None = None) -> None:
-        """Record step `step`: call after backward, before the update. `grad` is the flat mean batch
-        gradient (P,); `theta`/`opt_state` are needed on checkpoint steps (see needs_checkpoint).
-        The gradient is copied into one of the writer's recycled buffers: the caller may reuse
-        `grad` at once."""
+                    opt_state: dict[str, torch.Tensor] | None = None, loss_mask: torch.Tensor | None = None,
+                    grad_norm: float | None = None, clip: float = 1.0) -> None:
+        """Record step `step`: call after backward (and clipping), before the update. `grad` is the
+        flat batch gradient the optimizer applies (P,), `grad_norm` its norm before clipping and
+        `clip` the factor it was scaled by; `loss_mask` (b, L) marks the positions that are loss
+        targets (stores created with label_mask). `theta`/`opt_state` are needed on checkpoint steps
+        (see needs_checkpoint). The gradient is copied into one of the writer's recycled buffers:
+        the caller may reuse `grad` at once."""
         w = weights.detach().cpu().numpy() if isinstance(weights, torch.Tensor) else np.asarray(weights)
         b = len(sample_ids)
         if not (len(w) == b == input_ids.shape[0] == lengths.shape[0]):
@@ -138,19 +150,30 @@ class Recorder:
             if theta is None:
                 raise ValueError(f"step {step} is a checkpoint step: pass theta and opt_state")
             self.checkpoint(step, theta, opt_state or {})
+        if clip != 1.0 and not self.meta.get("max_grad_norm"):
+            raise DataError(f"step {step}: clip factor {clip:g} but the store was created without max_grad_norm")
+        tokens = input_ids.detach().cpu().to(torch.int32)
+        if self.meta.get("label_mask"):
+            if loss_mask is None or tuple(loss_mask.shape) != tuple(input_ids.shape):
+                raise DataError(f"step {step}: the store records label masks: pass loss_mask of shape {tuple(input_ids.shape)}")
+            tokens = torch.where(loss_mask.detach().cpu().bool(), tokens, -tokens - 1)  # non-targets as −(id + 1)
+        elif loss_mask is not None and not bool(loss_mask.all()):
+            raise DataError(f"step {step}: a loss mask was given but the store was created without label_mask=True")
         g = grad.detach().reshape(-1)
+        if g.device.type != "cpu":
+            g = g.to("cpu", non_blocking=False)
         # torch work stays on this thread: torch (or BLAS) calls on the writer thread would compete
         # with training for the cores (see lmclean/store/writer.py)
-        norm = float(torch.linalg.vector_norm(g))  # fp32 accumulation: rel. error ~1e-7, a third of the time
+        norm = float(torch.linalg.vector_norm(g)) if grad_norm is None else float(grad_norm)  # fp32 accumulation: rel. error ~1e-7
         stored = self.writer.grad_buffer()  # (P,) recycled: cheaper than a fresh buffer per step
         if self.precision == "bf16":
             torch.from_numpy(stored.view(np.int16)).view(torch.bfloat16).copy_(g)  # rounds to nearest even
         else:
             torch.from_numpy(stored).copy_(g)
         self.writer.put(StepRow(
-            step=step, lr=float(lr), loss=float(loss), grad=stored, grad_norm=norm, pooled=True,
+            step=step, lr=float(lr), loss=float(loss), grad=stored, grad_norm=norm, pooled=True, clip=float(clip),
             sample_ids=np.asarray(sample_ids, dtype=np.int64), weights=w.astype(np.float64),
-            tokens=input_ids.detach().cpu().numpy().astype(np.int32), lengths=lengths.detach().cpu().numpy().astype(np.int32)))
+            tokens=tokens.numpy(), lengths=lengths.detach().cpu().numpy().astype(np.int32)))
 
     def close(self, final_step: int, theta: torch.Tensor, opt_state: dict[str, torch.Tensor],
               before_closed: Callable[[], None] | None = None) -> RecordStats:
@@ -181,14 +204,17 @@ class Recorder:
     def record_torch_step(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
                           loss: float | torch.Tensor, sample_ids: list[int] | np.ndarray,
                           weights: list[float] | np.ndarray | torch.Tensor, input_ids: torch.Tensor,
-                          lengths: torch.Tensor) -> None:
-        """`record_step` for a model whose `.grad`s are filled: reads the lr from the optimizer, flattens
-        the gradients in manifest order, and on checkpoint steps θ and the optimizer state."""
+                          lengths: torch.Tensor, loss_mask: torch.Tensor | None = None,
+                          grad_norm: float | None = None, clip: float = 1.0) -> None:
+        """`record_step` for a model whose `.grad`s are filled (clipped, if the run clips): reads the
+        lr from the optimizer, flattens the gradients in manifest order, and on checkpoint steps θ
+        and the optimizer state."""
         manifest = ParamManifest.from_list(self.meta["manifest"])
         ck = self.needs_checkpoint(step)
         self.record_step(step, lr=float(optimizer.param_groups[0]["lr"]),
                          loss=float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss), sample_ids=sample_ids,
                          weights=weights, input_ids=input_ids, lengths=lengths, grad=flat_grads(model, manifest),
+                         loss_mask=loss_mask, grad_norm=grad_norm, clip=clip,
                          theta=flat_params(model, manifest) if ck else None,
                          opt_state=torch_optimizer_state(optimizer, model, manifest, self.rule) if ck else None)
 

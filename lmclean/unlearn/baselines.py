@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from lmclean.errors import ConfigError
+from lmclean.optim import clip_gradient, clip_tangent, lr_scale_of
 from lmclean.unlearn.common import ForgetSet, SweepResult, flat_grad, update_of_step
 from lmclean.unlearn.request import Window
 from lmclean.unlearn.trajectory import Trajectory
@@ -39,8 +40,12 @@ def rollback(traj: Trajectory, forget: ForgetSet, progress: Progress | None = No
         if t in forget.steps:
             u, _ = update_of_step(traj, t, theta, state, info.lr)
             delta -= u
-        else:
-            delta += info.lr * flat_grad(traj.objective(t, affected[t]), traj.manifest, theta)
+        else:  # the forget terms' share of the update, through the step's clipping and lr groups
+            share = flat_grad(traj.objective(t, affected[t]), traj.manifest, theta)
+            if info.clip < 1.0:
+                share = clip_tangent(share, traj.stored_grad(t), info.grad_norm, info.clip)
+            scale = lr_scale_of(traj.rule, traj.manifest.size)
+            delta += info.lr * (share if isinstance(scale, float) and scale == 1.0 else share * scale)
             result.gradients += 1
         if progress:
             progress(t, float(torch.linalg.vector_norm(delta)))
@@ -80,7 +85,8 @@ def replay(traj: Trajectory, forget: ForgetSet, K: int | None = None, fraction: 
                 result.gradients += 1
             else:
                 g = _control_variate_grad(traj, t, theta, theta_cf, retained, affected.get(t, []), fraction, seed, result)
-            traj.rule.step(theta_cf, g, info.lr, state_cf, t)
+            # the recorded run clipped its gradient: so does the counterfactual (at its own norm)
+            traj.rule.step(theta_cf, clip_gradient(g, traj.max_grad_norm), info.lr, state_cf, t)
         if progress:
             progress(t, float(torch.linalg.vector_norm(theta_cf - theta)))
     if stop < tau:

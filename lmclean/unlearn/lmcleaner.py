@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lmclean.errors import ConfigError, DivergenceError, UnsupportedError
-from lmclean.optim import AdamWRule, SGDRule
+from lmclean.optim import AdamWRule, SGDRule, clip_tangent, decay_of, is_uniform, lr_scale_of
 from lmclean.unlearn.common import ForgetSet, SweepResult, flat_grad, update_of_step
 from lmclean.unlearn.request import DEFAULT_K, Window
 from lmclean.unlearn.operators import OPERATORS, CurvatureOperator, OperatorSettings, make_operator
@@ -91,7 +91,8 @@ def require_supported(traj: Trajectory | TrajectoryStore, forget: ForgetSet) -> 
 
 
 def adamw_tangent(rule: AdamWRule, t: int, lr: float, grad: torch.Tensor, state: dict[str, torch.Tensor],
-                  v: torch.Tensor, dm: torch.Tensor, ds: torch.Tensor, dg: torch.Tensor) -> None:
+                  v: torch.Tensor, dm: torch.Tensor, ds: torch.Tensor, dg: torch.Tensor,
+                  wd: torch.Tensor | float | None = None, scale: torch.Tensor | float = 1.0) -> None:
     """One AdamW step linearised at the recorded (θ[t], m[t], s[t], g[t]), applied in place to the
     perturbations (v = δθ, dm = δm, ds = δs) given the gradient perturbation dg = δg (all (P,)).
 
@@ -100,7 +101,9 @@ def adamw_tangent(rule: AdamWRule, t: int, lr: float, grad: torch.Tensor, state:
         δθ' = (1 − ηλ) δθ − (η/b1) [δm' / D − m' δD / D²],  D = √s'/b2 + ε,  δD = δs' / (2 b2 √s')
 
     with b1 = 1 − β1^(t+1), b2 = √(1 − β2^(t+1)). Where s' = 0 (parameters no batch ever touched)
-    δD is taken as 0: √· is not differentiable there and the true change is second order."""
+    δD is taken as 0: √· is not differentiable there and the true change is second order.
+    `wd` and `scale` are the per-position weight decay and lr scale of parameter groups."""
+    wd = rule.weight_decay if wd is None else wd
     m_new = torch.lerp(state["exp_avg"], grad, 1 - rule.beta1)  # (P,)
     s_new = state["exp_avg_sq"] * rule.beta2 + (1 - rule.beta2) * grad * grad  # (P,)
     b1 = 1 - rule.beta1 ** (t + 1)
@@ -110,7 +113,7 @@ def adamw_tangent(rule: AdamWRule, t: int, lr: float, grad: torch.Tensor, state:
     root = s_new.sqrt()
     denom = root / b2 + rule.eps
     d_denom = torch.where(root > 0, ds / (2 * b2 * root.clamp(min=torch.finfo(root.dtype).tiny)), torch.zeros_like(ds))
-    v.mul_(1 - lr * rule.weight_decay).sub_((dm / denom - m_new * d_denom / denom**2) * (lr / b1))
+    v.mul_(1 - (lr * scale) * wd).sub_((dm / denom - m_new * d_denom / denom**2) * ((lr / b1) * scale))
 
 
 def propagate(traj: Trajectory, forget: ForgetSet, settings: PropagationSettings, progress: Progress | None = None) -> SweepResult:
@@ -146,7 +149,11 @@ def _sweep(traj: Trajectory, forget: ForgetSet, settings: PropagationSettings, d
     op = make_operator(settings.operator, traj.manifest)
     tail_op = make_operator(settings.tail_operator, traj.manifest)
     momentum = 0.0 if adam else rule.momentum
-    decay = (0.0 if adam else rule.weight_decay) + damping  # AdamW's decay is decoupled
+    P = traj.manifest.size
+    # parameter groups: weight decay and lr scale per flat position (floats for a single group)
+    decay = (0.0 if adam else decay_of(rule, P)) + damping  # AdamW's decay is decoupled
+    wd_adam, scale = decay_of(rule, P), lr_scale_of(rule, P)
+    uniform = is_uniform(rule)
     v = m = s2 = None  # (P,) perturbations of θ, of the momentum buffer (Adam: exp_avg) and of exp_avg_sq
     reference = 0.0
     result = SweepResult(torch.zeros(0), "lmcleaner", sorted(affected), (first, end), damping=damping)
@@ -199,7 +206,7 @@ def _sweep(traj: Trajectory, forget: ForgetSet, settings: PropagationSettings, d
             operator.at(t, theta, lambda: traj.objective(t, retained), lambda: traj.stored_grad(t))
         if t < first:
             continue
-        if (operator.closed_form and not adam and t not in affected and operator.current(t)
+        if (operator.closed_form and not adam and uniform and info.clip >= 1.0 and t not in affected and operator.current(t)
                 and (not pending or pending_op is operator) and bool(torch.any(v != 0))):
             pending.append(info.lr)
             pending_op = operator
@@ -211,25 +218,28 @@ def _sweep(traj: Trajectory, forget: ForgetSet, settings: PropagationSettings, d
             if rule.momentum:
                 m -= dstate["momentum_buffer"]
         else:
-            d = torch.zeros_like(theta)
+            d = torch.zeros_like(theta)  # δ of the data gradient, then of the clipped gradient
             if torch.any(v != 0) and retained:
                 hv = operator.at(t, theta, lambda: traj.objective(t, retained), lambda: traj.stored_grad(t))(v)
                 if settings.stabilize and not adam and operator.psd:
-                    scale = _stable_scale(v, hv, info.lr)
-                    if scale < 1.0:
-                        hv = hv * scale
+                    shrink = _stable_scale(v, hv, info.lr)
+                    if shrink < 1.0:
+                        hv = hv * shrink
                         result.clipped_steps += 1
-                d += hv + decay * v
+                d += hv
             if t in affected:
                 d -= flat_grad(traj.objective(t, affected[t]), traj.manifest, theta)
                 result.gradients += 1
+            if info.clip < 1.0:  # the run clipped this step: δ(clip(g)) = J_clip δg (docs/algorithm.md)
+                d = clip_tangent(d, traj.stored_grad(t), info.grad_norm, info.clip)
+            d += decay * v  # weight decay (SGD's is coupled, applied after clipping) and damping
             if adam:
-                adamw_tangent(rule, t, info.lr, traj.stored_grad(t), state, v, m, s2, d)
+                adamw_tangent(rule, t, info.lr, traj.stored_grad(t), state, v, m, s2, d, wd_adam, scale)
             elif rule.momentum:
                 m.mul_(rule.momentum).add_(d)
-                v.add_(m, alpha=-info.lr)
+                v.sub_(_scaled(m, scale), alpha=info.lr)
             else:
-                v.add_(d, alpha=-info.lr)
+                v.sub_(_scaled(d, scale), alpha=info.lr)
         record(t)
     flush(end - 1)
     result.delta = v if v is not None else torch.zeros(traj.manifest.size)
@@ -245,6 +255,11 @@ def _sweep(traj: Trajectory, forget: ForgetSet, settings: PropagationSettings, d
         result.notes.append(f"propagated {stop - first} steps ({first}..{stop - 1}) with {settings.operator.hvp}; the "
                             f"correction is {tail} over the last {tau - stop} steps")
     return result
+
+
+def _scaled(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """x times the per-position lr scale of parameter groups (x itself for one group)."""
+    return x if isinstance(scale, float) and scale == 1.0 else x * scale
 
 
 def _stable_scale(v: torch.Tensor, hv: torch.Tensor, lr: float) -> float:

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from lmclean.objective import CausalLMObjective, Objective, SquaredErrorObjective
 from lmclean.params import ParamManifest
-from lmclean.optim import UpdateRule
+from lmclean.optim import UpdateRule, clip_factor, clip_gradient
 
 
 @dataclass
@@ -25,12 +25,15 @@ class BatchInfo:
     lr: float
     sample_ids: np.ndarray  # (b,) ids of the samples whose terms are in the recorded loss
     weights: np.ndarray  # (b,) their fixed loss weights
+    clip: float = 1.0  # the recorded run scaled this step's gradient by `clip` (gradient clipping)
+    grad_norm: float = float("nan")  # ‖g[t]‖ before clipping
 
 
 class Trajectory(Protocol):
     manifest: ParamManifest
     rule: UpdateRule
     n_steps: int
+    max_grad_norm: float | None  # the run clipped gradients to this norm (None: never)
 
     def batch(self, t: int) -> BatchInfo: ...
 
@@ -64,6 +67,7 @@ class StoreTrajectory:
         self.manifest = store.manifest
         self.rule = store.rule
         self.n_steps = store.committed_steps
+        self.max_grad_norm = store.max_grad_norm
         self.tombstoned = set(tombstoned or ())
         self._cache: dict[int, object] = {}
         self._lrs = store.scalars("lr")
@@ -81,7 +85,7 @@ class StoreTrajectory:
     def batch(self, t: int) -> BatchInfo:
         rec = self._record(t)
         keep = np.array([int(i) not in self.tombstoned for i in rec.sample_ids], dtype=bool)
-        return BatchInfo(t, float(self._lrs[t]), rec.sample_ids[keep], rec.weights[keep])
+        return BatchInfo(t, float(self._lrs[t]), rec.sample_ids[keep], rec.weights[keep], rec.clip, rec.grad_norm)
 
     def objective(self, t: int, sample_ids: Sequence[int]) -> Objective:
         rec = self._record(t)
@@ -90,7 +94,8 @@ class StoreTrajectory:
         lengths = torch.from_numpy(rec.lengths[pos].astype(np.int64))
         width = int(lengths.max()) if len(pos) else 1
         ids = torch.from_numpy(rec.tokens[pos, :width].astype(np.int64))
-        return CausalLMObjective(self.model, ids, lengths, torch.from_numpy(rec.weights[pos]))
+        mask = None if rec.loss_mask is None else torch.from_numpy(rec.loss_mask[pos, :width])
+        return CausalLMObjective(self.model, ids, lengths, torch.from_numpy(rec.weights[pos]), mask)
 
     def states(self, start: int, stop: int) -> Iterator[tuple[int, Tensor, dict[str, Tensor]]]:
         return self.store.iter_states(start, stop, grad=self.stored_grad)
@@ -117,15 +122,18 @@ class InMemoryTrajectory:
     """
 
     def __init__(self, model: torch.nn.Module, X: Tensor, Y: Tensor, batches: list[list[int]],
-                 lrs: list[float], rule: UpdateRule, theta0: Tensor) -> None:
+                 lrs: list[float], rule: UpdateRule, theta0: Tensor, max_grad_norm: float | None = None) -> None:
         self.model, self.X, self.Y = model, X, Y
         self.manifest = ParamManifest.from_model(model)
         self.rule, self.lrs, self.theta0 = rule, lrs, theta0
+        self.max_grad_norm = max_grad_norm  # clip every step's gradient as torch's clip_grad_norm_
         self.batches = batches
         self.n_steps = len(batches)
-        self.thetas, self.opt_states = self.run()
+        self.norms: list[float] = []  # ‖g[t]‖ before clipping, of the recorded run
+        self.thetas, self.opt_states = self.run(norms=self.norms)
 
-    def run(self, exclude: set[int] | None = None, skip_steps: set[int] | None = None) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
+    def run(self, exclude: set[int] | None = None, skip_steps: set[int] | None = None,
+            norms: list[float] | None = None) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
         exclude, skip_steps = exclude or set(), skip_steps or set()
         theta = self.theta0.clone()
         state = self.rule.init_state(theta)
@@ -134,6 +142,9 @@ class InMemoryTrajectory:
             if t not in skip_steps:
                 kept = [i for i in self.batches[t] if i not in exclude]
                 grad = self._grad(t, kept, theta)
+                if norms is not None:
+                    norms.append(float(torch.linalg.vector_norm(grad)))
+                grad = clip_gradient(grad, self.max_grad_norm)
                 # Skipped steps leave θ and the optimizer state untouched ("the step never happened").
                 self.rule.step(theta, grad, self.lrs[t], state, t)
             thetas.append(theta.clone())
@@ -148,7 +159,8 @@ class InMemoryTrajectory:
 
     def batch(self, t: int) -> BatchInfo:
         ids = np.asarray(self.batches[t], dtype=np.int64)
-        return BatchInfo(t, self.lrs[t], ids, np.full(len(ids), 1.0 / len(ids)))
+        norm = self.norms[t]
+        return BatchInfo(t, self.lrs[t], ids, np.full(len(ids), 1.0 / len(ids)), clip_factor(norm, self.max_grad_norm), norm)
 
     def objective(self, t: int, sample_ids: Sequence[int]) -> Objective:
         ids = list(sample_ids)
@@ -160,7 +172,7 @@ class InMemoryTrajectory:
             yield t, self.thetas[t], self.opt_states[t]
 
     def stored_grad(self, t: int) -> Tensor:
-        return self._grad(t, self.batches[t], self.thetas[t])
+        return clip_gradient(self._grad(t, self.batches[t], self.thetas[t]), self.max_grad_norm)
 
     def stored_grad_is_exact(self, t: int) -> bool:
         return True
