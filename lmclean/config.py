@@ -15,6 +15,7 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
+from lmclean.device import check_device_spec
 from lmclean.errors import ConfigError, InputNotFoundError
 
 
@@ -36,6 +37,10 @@ class ModelConfig:
             "num_attention_heads": 4,
         },
         "Transformers config keys for a freshly initialised model (used when `path` is empty).",
+    )
+    lora: dict[str, Any] | None = _f(
+        None, "Train LoRA adapters only (the base stays frozen): {r: 8, alpha: 16, target_modules: [q_proj, "
+        "v_proj], dropout: 0.0}; empty = train every weight. See lmclean/adapters.py.",
     )
 
 
@@ -65,6 +70,23 @@ class TrainConfig:
     epochs: int | None = _f(30, "Passes over the data (used when `steps` is empty).")
     steps: int | None = _f(None, "Total optimizer steps (overrides `epochs`).")
     shuffle: bool = _f(True, "Reshuffle the sample order every epoch (seeded).")
+    device: str = _f("auto", "Where to train: auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps (`--device`).")
+    autocast: Literal["off", "bf16"] = _f(
+        "off", "Mixed precision. bf16: the forward pass runs under torch.autocast(bfloat16) with fp32 master weights, "
+        "gradients and optimizer state (like Trainer(bf16=True)); unlearning recomputes under the same autocast. "
+        "off: fp32 throughout.")
+
+
+@dataclass
+class OnlineUnlearnConfig:
+    method: Literal["lmcleaner", "replay", "rollback", "none"] = _f(
+        "lmcleaner", "How a running `record` applies a queued deletion request (`lmclean request`) at its next step: "
+        "lmcleaner (propagate through the recorded curvature), replay (exact re-run from the first affected step), "
+        "rollback (no propagation), none (only drop the samples from later batches: the do-nothing baseline).")
+    K: int | None = _f(None, "Steps to propagate past the last affected step (empty: the method's default, 800 for "
+                       "lmcleaner, to the end for replay).")
+    hvp: Literal["ggn", "exact", "kfac", "ekfac", "diag", "lowrank", "fisher"] = _f(
+        "ggn", "Curvature for lmcleaner (as `lmclean unlearn --hvp`).")
 
 
 @dataclass
@@ -76,6 +98,8 @@ class RecordConfig:
         "bit-shuffle, ~3.2x vs fp32); blosc: lz4 with bit-shuffle (fp32 ~1.3x, more writer CPU); zstd; none."
     )
     queue_size: int = _f(8, "Steps buffered for the background writer before training waits.")
+    unlearn: OnlineUnlearnConfig = field(default_factory=OnlineUnlearnConfig, metadata={
+        "help": "Deletion requests that arrive while recording (lmclean/train/online.py)."})
 
 
 @dataclass
@@ -158,11 +182,41 @@ def validate(cfg: LmcleanConfig) -> LmcleanConfig:
         raise ConfigError(f"config key `train.lr` = {t.lr} must be > 0")
     if cfg.record.checkpoint_every < 1:
         raise ConfigError("config key `record.checkpoint_every` must be >= 1")
+    if cfg.record.unlearn.K is not None and cfg.record.unlearn.K < 0:
+        raise ConfigError(f"config key `record.unlearn.K` = {cfg.record.unlearn.K} must be >= 0")
     if cfg.data.template is None and cfg.data.text_field is None:
         raise ConfigError("config needs `data.template` or `data.text_field`")
     if len(t.betas) != 2:
         raise ConfigError("config key `train.betas` must be a list of two floats")
+    check_device_spec(t.device, "config key `train.device` =")
+    if cfg.model.lora is not None:
+        _check_lora(cfg.model.lora)
     return cfg
+
+
+LORA_KEYS = {"r": 8, "alpha": 16, "target_modules": None, "dropout": 0.0}
+
+
+def _check_lora(lora: dict[str, Any]) -> None:
+    """`model.lora`: known keys, r >= 1, alpha > 0, target_modules a non-empty list of names, dropout 0
+    (a dropout mask is not recorded, so a step with dropout could not be replayed)."""
+    for key in lora:
+        if key not in LORA_KEYS:
+            raise ConfigError(f"unknown config key `model.lora.{key}`; known keys here: {sorted(LORA_KEYS)}")
+    r, alpha = lora.get("r", 8), lora.get("alpha", 16)
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise ConfigError(f"config key `model.lora.r` = {r!r} must be an integer >= 1")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha <= 0:
+        raise ConfigError(f"config key `model.lora.alpha` = {alpha!r} must be a number > 0")
+    targets = lora.get("target_modules")
+    if targets is not None and (not isinstance(targets, list) or not targets
+                                or not all(isinstance(m, str) and m for m in targets)):
+        raise ConfigError(f"config key `model.lora.target_modules` = {targets!r} must be a non-empty list of module "
+                          "names, e.g. [q_proj, v_proj]")
+    dropout = lora.get("dropout", 0.0)
+    if dropout != 0:
+        raise ConfigError(f"config key `model.lora.dropout` = {dropout!r} is not supported: lmclean replays recorded "
+                          "steps exactly, and dropout masks are not recorded; use 0.0")
 
 
 def from_dict(data: dict[str, Any]) -> LmcleanConfig:
@@ -182,7 +236,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         node = data
         parts = key.strip().split(".")
         for part in parts[:-1]:
-            node = node.setdefault(part, {})
+            if node.get(part) is None:  # an absent or empty (null) section: `--set model.lora.r=8` starts one
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {item!r}: `{part}` is not a section")
         try:

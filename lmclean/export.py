@@ -9,15 +9,17 @@ from lmclean.errors import StoreError
 __all__ = ["export_step"]
 
 
-def export_step(store_path: Path | str, out: Path, step: int | None = None, overwrite: bool = False) -> int:
+def export_step(store_path: Path | str, out: Path, step: int | None = None, overwrite: bool = False,
+                merge: bool = False) -> int:
     """Rebuild θ[step] (checkpoint + optimizer replay; default: the last step) and save it to `out`.
 
     `out` must be new or empty (or `overwrite` for a plain directory), never inside a store. Returns
-    the step written."""
+    the step written. An adapter store writes an adapter directory, or with `merge` the merged model."""
     from lmclean.paths import check_output
     from lmclean.store.reader import TrajectoryStore
     from lmclean.train.data import load_tokenizer
-    from lmclean.train.model import load_flat_into, model_from_config_dict, save_model
+    from lmclean.adapters import save_output, store_model
+    from lmclean.train.model import load_flat_into
 
     store = TrajectoryStore(store_path)
     check_output(out, overwrite=overwrite)
@@ -25,9 +27,9 @@ def export_step(store_path: Path | str, out: Path, step: int | None = None, over
     if not 0 <= target <= store.committed_steps:
         raise StoreError(f"--step {target} is not a recorded step of {store.path}: use 0..{store.committed_steps}")
     theta, _ = store.theta_at(target)
-    model = model_from_config_dict(store.meta["model_config"])
+    model = store_model(store)
     load_flat_into(model, store.manifest, theta)
     spec = store.meta.get("tokenizer", "external")
     tokenizer = load_tokenizer(spec) if spec == "byte" or Path(spec).is_dir() else None  # else: the user's own
-    save_model(model, tokenizer, out)
+    save_output(model, tokenizer, out, merge=merge)
     return target

@@ -8,6 +8,7 @@ loss that is differentiated is exactly the loss that was recorded.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -54,6 +55,7 @@ class CausalLMObjective:
     lengths: Tensor  # (B,) int64
     weights: Tensor  # (B,) float
     loss_mask: Tensor | None = None  # (B, L) bool
+    autocast: str | None = None  # "bf16": the forward runs under torch.autocast, as the recorded run did
 
     def __post_init__(self) -> None:
         B, L = self.input_ids.shape
@@ -70,14 +72,16 @@ class CausalLMObjective:
         ).long()  # (B, L)
 
     def outputs(self, params: Params) -> Tensor:
-        logits = functional_call(
-            self.model,
-            params,
-            args=(),
-            kwargs={"input_ids": self.input_ids, "attention_mask": self._attention_mask},
-            strict=False,
-        ).logits  # (B, L, V)
-        return logits[:, :-1][self._valid]  # (N, V)
+        with _autocast(self.autocast, self.input_ids.device.type):
+            logits = functional_call(
+                self.model,
+                params,
+                args=(),
+                kwargs={"input_ids": self.input_ids, "attention_mask": self._attention_mask},
+                strict=False,
+            ).logits  # (B, L, V)
+        out = logits[:, :-1][self._valid]  # (N, V)
+        return out.float() if self.autocast else out  # the loss is taken in float32 under autocast
 
     def loss_from_outputs(self, out: Tensor) -> Tensor:
         ce = torch.nn.functional.cross_entropy(out, self._targets, reduction="none")  # (N,)
@@ -90,13 +94,51 @@ class CausalLMObjective:
         width = int(self.lengths[rows].max())
         mask = None if self.loss_mask is None else self.loss_mask[rows, :width]
         return CausalLMObjective(self.model, self.input_ids[rows, :width], self.lengths[rows],
-                                 w * (self.weights.sum() / w.sum()), mask)
+                                 w * (self.weights.sum() / w.sum()), mask, self.autocast)
 
     def output_hvp(self, out: Tensor, u: Tensor) -> Tensor:
         # Softmax-CE Hessian w.r.t. logits is c_n (diag p − p pᵀ): (N, V) ⊙ ... without forming V×V.
         p = torch.softmax(out, dim=-1)  # (N, V)
         pu = (p * u).sum(-1, keepdim=True)  # (N, 1)
         return self._coef.to(out.dtype)[:, None] * (p * u - p * pu)
+
+
+def _autocast(mode: str | None, device_type: str) -> contextlib.AbstractContextManager[object]:
+    """torch.autocast for a recorded precision ("bf16", "fp16"), or nothing (None: fp32)."""
+    if mode is None:
+        return contextlib.nullcontext()
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    if mode not in dtypes:
+        from lmclean.errors import UnsupportedError
+
+        raise UnsupportedError(f"autocast {mode!r} is not supported; use one of {sorted(dtypes)} or none (fp32)")
+    return torch.autocast(device_type, dtype=dtypes[mode])
+
+
+@dataclass
+class MicroBatchedObjective:
+    """The sum of several causal-LM objectives, each its own forward: a step computed micro-batch by
+    micro-batch (gradient accumulation). Used where a gradient must match the run's (under bf16
+    autocast the rounding depends on the batch shape); curvature takes the single-batch form."""
+
+    parts: list[CausalLMObjective]
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.parts[0].model
+
+    def _sizes(self) -> list[int]:
+        return [int(p._targets.numel()) for p in self.parts]
+
+    def outputs(self, params: Params) -> Tensor:
+        return torch.cat([p.outputs(params) for p in self.parts])
+
+    def loss_from_outputs(self, out: Tensor) -> Tensor:
+        return sum(p.loss_from_outputs(o) for p, o in zip(self.parts, out.split(self._sizes())))  # type: ignore[return-value]
+
+    def output_hvp(self, out: Tensor, u: Tensor) -> Tensor:
+        sizes = self._sizes()
+        return torch.cat([p.output_hvp(o, v) for p, o, v in zip(self.parts, out.split(sizes), u.split(sizes))])
 
 
 @dataclass

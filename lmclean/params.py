@@ -94,5 +94,5 @@ def flat_grads(model: torch.nn.Module, manifest: ParamManifest) -> Tensor:
     out = []
     for e in manifest.entries:
         g = params[e.name].grad
-        out.append(torch.zeros(e.numel, dtype=params[e.name].dtype) if g is None else g.reshape(-1))
+        out.append(torch.zeros(e.numel, dtype=params[e.name].dtype, device=params[e.name].device) if g is None else g.reshape(-1))
     return torch.cat(out)

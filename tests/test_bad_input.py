@@ -178,7 +178,7 @@ def test_unlearn_option_refused_before_work(work, args: list[str], needle: str, 
     (["inspect-log", "{store}", "--step", "-1"], "'--step'"),
     (["inspect-log", "{store}", "--sample", "-5"], "'--sample'"),
     (["export", "{store}", "--out", "{tmp}/o", "--step", "-1"], "'--step'"),
-    (["eval", "{store}/model", "--data", "x.jsonl", "--forget", "1", "--device", "gpu"], "'gpu' is not one of 'auto', 'cpu', 'cuda'"),
+    (["eval", "{store}/model", "--data", "x.jsonl", "--forget", "1", "--device", "gpu"], "'gpu' is not a device; use auto, cpu, cuda, cuda:N or mps"),
     (["eval", "{store}/model", "--data", "x.jsonl", "--forget", "1", "--batch-size", "0"], "'--batch-size'"),
     (["unlearn"], "Missing argument"),
 ])

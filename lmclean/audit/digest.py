@@ -106,7 +106,8 @@ def model_digest(model_dir: Path | str) -> str:
     if model_dir.is_file() and model_dir.suffix == ".safetensors":
         files = [model_dir]
     elif model_dir.is_dir():
-        files = sorted(p for p in model_dir.glob("*.safetensors") if p.is_file())
+        files = sorted(p for p in model_dir.glob("*.safetensors")
+                       if p.is_file() and p.name != "optimizer_delta.safetensors")  # weights only
         if not files:
             raise InputNotFoundError(
                 f"no *.safetensors files in {model_dir}; save the model with "

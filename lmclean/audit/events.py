@@ -29,6 +29,7 @@ __all__ = [
     "dataset_digest",
     "new_request_id",
     "refuse_used_request_id",
+    "reconcile_event",
     "record_event",
     "unlearn_event",
     "v_norm_summary",
@@ -90,7 +91,7 @@ def _digest_or_none(model_dir: Path | str | None) -> str | None:
 
 def record_event(
     store_dir: Path | str,
-    kind: Literal["record", "resume"],
+    kind: Literal["record", "resume", "continue"],
     config: Any,
     steps: int,
     model_dir: Path | str | None,
@@ -99,8 +100,10 @@ def record_event(
     start_step: int | None = None,
     excluded_ids: Sequence[int] | None = None,
     model_before_dir: Path | str | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Append the record of a training run recorded into the store (``kind`` "record" or "resume").
+    """Append the record of a training run recorded into the store (``kind`` "record", "resume", or
+    "continue": `record --continue` trained on from the current model, ``model_before_dir``).
 
     ``config`` is the run's LmcleanConfig (or its dict); ``steps`` the committed steps after the
     run; ``model_dir`` the model it wrote (None if none); ``start_step`` where a resume restarted.
@@ -108,8 +111,8 @@ def record_event(
     if given, else the config's ``model.path`` when it holds safetensors weights, else None (a
     freshly initialised model). Returns the record as stored (with its ``seq``).
     """
-    if kind not in ("record", "resume"):
-        raise ValueError(f"kind must be 'record' or 'resume', got {kind!r}")
+    if kind not in ("record", "resume", "continue"):
+        raise ValueError(f"kind must be 'record', 'resume' or 'continue', got {kind!r}")
     cfg = _config_dict(config)
     if model_before_dir is None and kind == "record":
         base = (cfg.get("model") or {}).get("path")
@@ -128,9 +131,35 @@ def record_event(
         "output_path": None if model_dir is None else str(model_dir),
         "lmclean_version": lmclean.__version__,
         "wall_time_s": round(float(wall_time), 3),
+        **dict(extra or {}),
     }
     return AuditLog(store_dir).append(body)
 
+
+
+def reconcile_event(store_dir: Path | str, *, config: Any, steps: int, forget_ids: Sequence[int],
+                    model_before_dir: Path | str, model_dir: Path | str, output_path: Path | str, wall_time: float,
+                    excluded_ids: Sequence[int], extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Append the record of `lmclean reconcile`: the store was rewritten to exact retraining without
+    ``forget_ids`` and its model (``model_dir``, recorded as ``output_path``: STORE/model) replaces
+    the approximate current model (``model_before_dir``). Like a training record it starts the chain
+    again at that model; the forgotten ids stay forgotten (their unlearn records stay in the log).
+    ``extra`` holds the cost and the residual ratio (docs/audit.md)."""
+    body: dict[str, Any] = {
+        "kind": "reconcile",
+        "config_digest": hashlib.sha256(canonical_json(_config_dict(config)).encode("utf-8")).hexdigest(),
+        "dataset_digest": dataset_digest(store_dir),
+        "excluded_ids": sorted(int(i) for i in excluded_ids),
+        "forget_ids": sorted(int(i) for i in forget_ids),
+        "steps": int(steps),
+        "model_digest_before": model_digest(model_before_dir),
+        "output_model_digest": model_digest(model_dir),
+        "output_path": str(output_path),
+        "lmclean_version": lmclean.__version__,
+        "wall_time_s": round(float(wall_time), 3),
+        **dict(extra or {}),
+    }
+    return AuditLog(store_dir).append(body)
 
 def v_norm_summary(v_norms: Sequence[float]) -> dict[str, Any]:
     """Summary of the ‖v‖ trace: first, max, last and n (finite values; non-finite counted apart)."""

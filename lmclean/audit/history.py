@@ -19,7 +19,9 @@ from lmclean.errors import AuditError
 __all__ = ["ChainLink", "ModelHistory", "load_history"]
 
 MODEL_SUBDIR = "model"  # the recorded final model inside a store (store format)
-_TRAINING_KINDS = ("record", "resume")
+# a training record starts the chain again at its model; forgotten samples persist (`continue` trains
+# on from the current model without them; `reconcile` rewrote the store to retraining without them)
+_TRAINING_KINDS = ("record", "resume", "continue", "reconcile")
 
 
 @dataclass(frozen=True)
@@ -27,7 +29,7 @@ class ChainLink:
     """One record of the log that wrote a model the current model descends from."""
 
     seq: int
-    kind: str  # record | resume | unlearn
+    kind: str  # record | resume | continue | reconcile | unlearn
     request_id: str | None
     method: str | None
     output_path: str | None
@@ -36,7 +38,8 @@ class ChainLink:
     base_unrelated: bool = False
 
     def describe(self) -> str:
-        what = f"request {self.request_id}, {self.method}" if self.kind == "unlearn" else "training run"
+        what = (f"request {self.request_id}, {self.method}" if self.kind == "unlearn"
+                else "exact retraining" if self.kind == "reconcile" else "training run")
         return f"record {self.seq} ({self.kind}: {what})"
 
 

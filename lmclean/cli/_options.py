@@ -24,7 +24,19 @@ Curvature = Literal["ggn", "exact", "kfac", "ekfac", "diag", "lowrank", "fisher"
 OnDivergence = Literal["stop", "damp"]
 CurvatureBatch = Literal["retained", "full"]
 Tail = Literal["carry", "ekfac", "kfac", "lowrank", "diag"]
-Device = Literal["auto", "cpu", "cuda"]
+DEVICE_HELP = "auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps."
+
+
+def device_spec(value: str | None) -> str | None:
+    """Option callback: a device spelled as lmclean knows them (whether it exists is checked when the
+    command runs, by lmclean.device.resolve_device)."""
+    from lmclean.device import check_device_spec
+    from lmclean.errors import ConfigError
+
+    try:
+        return None if value is None else check_device_spec(value, "")
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc).strip()) from None
 
 
 def unit_fraction(value: float | None) -> float | None:

@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from lmclean.cli._app import err, handle_errors, out, print_json, progress_bar
-from lmclean.cli._options import Device
+from lmclean.cli._options import DEVICE_HELP, device_spec
 from lmclean.errors import ConfigError
 
 
@@ -55,14 +55,6 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def _device(choice: str) -> str:
-    if choice != "auto":
-        return choice
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 @handle_errors
 def eval_models(
     models: Annotated[list[str], typer.Argument(help="Hugging Face model directories, as DIR or NAME=DIR. The first is the original model unless --original is given.", metavar="MODEL...", show_default=False)],
@@ -79,7 +71,7 @@ def eval_models(
     generate: Annotated[int, typer.Option("--generate", min=0, help="Greedy answers to show for the first N forget and the first N retain questions (0 = none).")] = 3,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Token limit of greedy answers (generation samples and TOFU ROUGE).")] = 200,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Rows per forward pass.")] = 16,
-    device: Annotated[Device, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+    device: Annotated[str, typer.Option("--device", callback=device_spec, help=f"Where to run the models: {DEVICE_HELP}")] = "auto",
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout instead of tables.")] = False,
     out_file: Annotated[Optional[Path], typer.Option("--out", help="Also write the JSON report to this file (must be new, or pass --overwrite).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out file.")] = False,
@@ -97,6 +89,9 @@ def eval_models(
         from lmclean.paths import check_output
 
         check_output(out_file, overwrite=overwrite, kind="file")  # before any work
+    from lmclean.device import resolve_device
+
+    device = str(resolve_device(device))  # an absent device: refused before any work
     if data is None:
         if tofu_dir is None:
             raise ConfigError("--data is required: the JSON Lines file the models were recorded on")
@@ -112,7 +107,7 @@ def eval_models(
 
         report = evaluate(specs, sets, reference=ref_spec, original=orig_spec, n_generate=generate,
                           batch_size=batch_size, max_new_tokens=max_new_tokens, tokenizer=tokenizer,
-                          device=_device(device), progress=progress)  # fmt: skip
+                          device=device, progress=progress)  # fmt: skip
     if out_file is not None:
         from lmclean.store.atomic import atomic_write_bytes
 

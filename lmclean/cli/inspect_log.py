@@ -53,7 +53,8 @@ def _render(d: dict[str, Any]) -> None:
     opt_text = ", ".join(f"{k}={v}" for k, v in opt.items() if k != "name")
     rows = [
         ("format", f"v{d['format_version']} (lmclean {d['lmclean_version']}), created {d['created']}"),
-        ("model", f"{m['model_type']} hidden {m['hidden_size']} layers {m['layers']}: {m['parameters']:,} parameters in {m['tensors']} tensors"),
+        ("model", f"{m['model_type']} hidden {m['hidden_size']} layers {m['layers']}: {m['parameters']:,} parameters in {m['tensors']} tensors"
+                  + (f" ({m['kind']}: only these are recorded; frozen base {escape(str(m['base']))})" if m.get("kind", "full") != "full" else "")),
         ("optimizer", f"{opt['name']} ({opt_text}), schedule {d['schedule']}"),
         ("steps", f"{st['committed']} committed of {st['planned']} planned ({'complete' if st['closed'] else 'incomplete: resume with record --resume'}), "
                   f"{st['epochs']} epochs, batch {st['batch_size']}"),

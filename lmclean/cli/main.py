@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from lmclean import __version__
-from lmclean.cli import audit, export, inspect_log, record, unlearn
+from lmclean.cli import audit, export, inspect_log, reconcile, record, request, unlearn
 from lmclean.cli._app import PolishedHelp
 from lmclean.cli._options import OneLineErrors
 from lmclean.cli import eval as eval_cmd
@@ -48,10 +48,12 @@ def main(version: bool = typer.Option(False, "--version", callback=_version, is_
 app.command("record")(record.record)
 app.command("inspect-log")(inspect_log.inspect_log)
 app.command("unlearn")(unlearn.unlearn)
+app.command("request")(request.request)
 app.add_typer(audit.audit_app, name="audit")
 app.command("eval")(eval_cmd.eval_models)
 app.command("export")(export.export)
 app.command("check")(check_cmd.check)
+app.command("reconcile")(reconcile.reconcile)
 
 
 if __name__ == "__main__":

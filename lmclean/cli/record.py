@@ -10,6 +10,7 @@ import typer
 
 from lmclean import config as config_mod
 from lmclean.cli._app import err, handle_errors, print_json, progress_bar
+from lmclean.cli._options import DEVICE_HELP, device_spec
 from lmclean.errors import ConfigError
 
 DEFAULT_CONFIG = Path("examples/tiny.yaml")
@@ -25,6 +26,11 @@ def record(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing store at --store.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
     show_config: Annotated[bool, typer.Option(help="Print every config key with its default and help, then exit.")] = False,
+    continue_: Annotated[bool, typer.Option("--continue", help="Train a complete store on from its current model (the latest unlearned one): needs --epochs or --steps.")] = False,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help="With --continue: this many more epochs.", show_default=False)] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="With --continue: this many more steps.", show_default=False)] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", help="With --continue: more samples (JSON Lines; not supported yet).", show_default=False)] = None,
+    device: Annotated[Optional[str], typer.Option("--device", callback=device_spec, help=f"Where to train (sets `train.device`; default: the config's, auto): {DEVICE_HELP}", show_default=False)] = None,
 ) -> None:
     """Train (or fine-tune) a Hugging Face causal LM and record its trajectory.
 
@@ -40,6 +46,15 @@ def record(
 
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite exclude each other: continue the store or replace it")
+    if continue_ or epochs is not None or steps is not None or data is not None:
+        from lmclean.cli.record_continue import run_continue
+
+        run_continue(store, continue_=continue_, epochs=epochs, steps=steps, data=data, json_out=json_out,
+                     conflicts=[n for n, v in (("CONFIG", config), ("--resume", resume), ("--overwrite", overwrite),
+                                               ("--exclude", exclude), ("--set", set_), ("--device", device)) if v])
+        return
+    if device is not None:  # a config key like any other; --resume may continue on another device
+        set_ = [*(set_ or []), f"train.device={device}"]
     if resume and config is None:  # the store knows its config (and exclusions): --resume needs only --store
         from lmclean.train.trainer import stored_config
 
@@ -76,7 +91,7 @@ def record(
         "grad_compression": round(stats.bytes_raw_grads / max(1, stats.grad_bytes_on_disk), 3) if stats else None,
         "model_dir": str(result.model_dir) if result.model_dir else None,
         "samples": len(result.run.dataset.samples), "truncated_samples": result.run.dataset.truncated,
-        "max_length": cfg.data.max_length,
+        "max_length": cfg.data.max_length, "device": result.device,
     }
     if json_out:
         print_json(summary)

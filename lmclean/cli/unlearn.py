@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from lmclean.cli._app import err, handle_errors, print_json, progress_bar
-from lmclean.cli._options import Curvature, CurvatureBatch, Level, Method, OnDivergence, Tail, check_unlearn_options, unit_fraction
+from lmclean.cli._options import DEVICE_HELP, Curvature, CurvatureBatch, Level, Method, OnDivergence, Tail, check_unlearn_options, device_spec, unit_fraction
 
 
 @handle_errors
@@ -33,15 +33,18 @@ def unlearn(
     fraction: Annotated[Optional[float], typer.Option(callback=unit_fraction, help="replay: estimate the gradient change on this fraction of each batch (control variate).")] = None,
     noise: Annotated[float, typer.Option(min=0.0, help="Add Gaussian noise N(0, σ²) to the unlearned weights.")] = 0.0,
     seed: Annotated[int, typer.Option(min=0, help="Seed for noise, subsets and random probes.")] = 0,
+    device: Annotated[str, typer.Option("--device", callback=device_spec, help=f"Where the sweep runs: {DEVICE_HELP} The report records it, and the drift of recomputed gradients against the stored ones.")] = "auto",
     base: Annotated[Optional[Path], typer.Option(help="Apply the correction to this model directory instead of the store's current model (the latest unlearning's output, else the recorded final model); it must hold a model of the store's chain.")] = None,
     base_unrelated: Annotated[bool, typer.Option(help="Accept a --base that is not the store's current model (the audit log records it, and verify reports the broken lineage).")] = False,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output model directory (default: <store>-unlearned-N next to the store); must be new or empty.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing non-empty --out directory (never a store or a directory holding one).")] = False,
+    merge: Annotated[bool, typer.Option(help="LoRA stores: write the merged full model (base + adapter; the adapter is kept in its adapter/ folder) instead of the adapter directory.")] = False,
     request_id: Annotated[Optional[str], typer.Option(help="Your id for this deletion request (recorded in the audit log; default: generated).")] = None,
     reason: Annotated[Optional[str], typer.Option(help="Why, for the audit log (e.g. 'GDPR art. 17 request').")] = None,
     requested_by: Annotated[Optional[str], typer.Option(help="Who asked, for the audit log.")] = None,
     keep_data: Annotated[bool, typer.Option(help="Keep the forgotten samples' tokens in the store (default: scrub them; the audit record says which).")] = False,
     dry_run: Annotated[bool, typer.Option(help="Print the plan (steps touched, products needed, time estimate) and exit.")] = False,
+    pending: Annotated[bool, typer.Option("--pending", help="Apply every request queued with `lmclean request` (in one sweep: their union); each is marked applied, or refused with the reason.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
 ) -> None:
     """Make the store's current model forget samples, and write the unlearned model.
@@ -60,12 +63,16 @@ def unlearn(
 
     spec = ForgetSpec(ids=forget, data=forget_data, steps=steps, level=level)
     options = UnlearnOptions(
-        method=method, K=K, fraction=fraction, noise=noise, seed=seed,
+        method=method, K=K, fraction=fraction, noise=noise, seed=seed, device=device,
         propagation=PropagationSettings(damping=damping, on_divergence=on_divergence, curvature_batch=curvature_batch, tail=tail, stabilize=stabilize,
                                         operator=OperatorSettings(hvp=hvp, rank=rank, refresh=refresh, anchor_fraction=anchor_fraction,
                                                                    curvature_fraction=curvature_fraction, seed=seed)))
-    output = OutputSpec(out=out, overwrite=overwrite, base=base, base_unrelated=base_unrelated)
+    output = OutputSpec(out=out, overwrite=overwrite, base=base, base_unrelated=base_unrelated, merge=merge)
     who = Requester(request_id, reason, requested_by, keep_data)
+    if pending:
+        from lmclean.cli._pending import run_pending
+
+        return run_pending(store, options, output, who, given=[n for n, v in (("--forget", forget), ("--forget-data", forget_data), ("--steps", steps), ("--dry-run", dry_run)) if v], method=method, json_out=json_out)
     if dry_run:
         data = plan(store, spec, options, output, who)
         if json_out:

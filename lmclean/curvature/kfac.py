@@ -169,12 +169,13 @@ def kronecker_curvature(obj: Objective, params: Params, *, eigen_correction: boo
                 layers[name] = (w, b if b in params and isinstance(mod, torch.nn.Linear) else None)
     inputs: dict[str, list[Tensor]] = {n: [] for n in layers}
     grads: dict[str, list[Tensor]] = {n: [] for n in layers}
+    dtype = next(iter(params.values())).dtype  # autocast hands the hooks bf16 tensors: factors use θ's dtype
 
     def forward_hook(name: str):  # noqa: ANN202
         def hook(_mod: torch.nn.Module, args: tuple[Tensor, ...], out: Tensor) -> None:
-            inputs[name].append(args[0].detach())
+            inputs[name].append(_like(args[0].detach(), dtype))
             if out.requires_grad:
-                out.register_hook(lambda g: grads[name].append(g.detach()))
+                out.register_hook(lambda g: grads[name].append(_like(g.detach(), dtype)))
         return hook
 
     modules = dict(model.named_modules())
@@ -280,6 +281,11 @@ def _output_columns(obj: Objective, out: Tensor, mc_samples: int | None, generat
         if mc_samples < 1:
             raise ConfigError(f"K-FAC mc_samples must be >= 1 (or None for exact columns), got {mc_samples}")
         scale = (coef / mc_samples).sqrt()[:, None]  # (N, 1)
-        return [scale * (p - eye[torch.multinomial(p.float(), 1, generator=generator).squeeze(1)])
+        return [scale * (p - eye[torch.multinomial(p.float().cpu(), 1, generator=generator).squeeze(1).to(p.device)])
                 for _ in range(mc_samples)]
     raise ConfigError(f"--hvp kfac/ekfac supports causal-LM and squared-error objectives, not {type(obj).__name__}")
+
+
+def _like(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """x in the factors' dtype (embedding inputs are ids: left as they are)."""
+    return x.to(dtype) if x.is_floating_point() else x

@@ -255,7 +255,7 @@ def model_specs(args: Sequence[str], extra: Sequence[str | None] = ()) -> tuple[
         else:
             raw.append((None, Path(arg)))
     for _name, path in raw:
-        if not (path / "config.json").is_file():
+        if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
             raise InputNotFoundError(f"model directory {path} does not exist or has no config.json; pass a Hugging Face model directory")
     unique: dict[Path, str | None] = {}
     for name, path in raw:
@@ -304,13 +304,18 @@ def load_for_eval(path: Path, device: str = "cpu") -> Any:
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
-    if not (path / "config.json").is_file():
+    from lmclean.adapters import is_adapter_dir, load_adapter_dir
+
+    adapter = is_adapter_dir(path) and not (path / "config.json").is_file()  # a LoRA store's output: base + adapter, merged
+    if not adapter and not (path / "config.json").is_file():
         raise InputNotFoundError(f"model directory {path} does not exist or has no config.json; pass a Hugging Face model directory")
+    load = (lambda attn: load_adapter_dir(path, attn)) if adapter else (
+        lambda attn: AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn, dtype=torch.float32))
     try:
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa", dtype=torch.float32)
+            model = load("sdpa")
         except (ValueError, ImportError):  # an architecture without SDPA support
-            model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=torch.float32)
+            model = load("eager")
     except OSError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputNotFoundError(f"model directory {path} cannot be loaded: {first}") from exc
@@ -469,8 +474,11 @@ def evaluate(
     """
     import torch
 
+    from lmclean.device import resolve_device
+
     if not models:
         raise ConfigError("pass at least one model directory")
+    device = str(resolve_device(device))  # auto -> cuda, mps or cpu; an absent device is refused here
     notes = list(sets.notes)
     if reference is not None and original is None:
         original = models[0]
@@ -518,7 +526,7 @@ def evaluate(
         progress("done", total, total)
     del ref_model
     gc.collect()
-    if device != "cpu" and torch.cuda.is_available():
+    if device.startswith("cuda"):
         torch.cuda.empty_cache()
 
     # ------------------------------------------------------------- cross-model metrics
@@ -561,6 +569,7 @@ def evaluate(
         "data": str(sets.data_path),
         "template": sets.template,
         "scored": sets.describe_scoring(),
+        "device": device,
         "forget": {"n": len(sets.forget), "ids": id_ranges([r.id for r in sets.forget if r.id is not None])},
         "retain": {"n": len(sets.retain)},
         "holdout": {"n": len(sets.holdout), "source": sets.holdout_source} if sets.holdout else None,

@@ -120,7 +120,7 @@ def _score_ids(
         for i, logits, target in zip(order, _target_logits(model, prefixes, targets, pad_id, batch_size), targets):
             idx = torch.tensor(target, device=logits.device).unsqueeze(1)  # (n, 1)
             lp = torch.log_softmax(logits, dim=-1).gather(1, idx).squeeze(1)  # (n,)
-            out[i] = ScoredAnswer(lp.double().cpu().numpy())
+            out[i] = ScoredAnswer(lp.cpu().double().numpy())  # MPS has no float64
     return out  # type: ignore[return-value]  # every slot is filled
 
 
@@ -251,8 +251,8 @@ def _mean_kl_ids(
                 raise ModelMismatchError(
                     f"vocabulary sizes differ: {logits_p.shape[-1]} (model_p) vs {logits_q.shape[-1]} (model_q)"
                 )
-            log_p = torch.log_softmax(logits_p.double(), dim=-1)
-            log_q = torch.log_softmax(logits_q.double().to(log_p.device), dim=-1)
+            log_p = torch.log_softmax(logits_p.cpu().double(), dim=-1)  # float64 on CPU: MPS has none
+            log_q = torch.log_softmax(logits_q.cpu().double(), dim=-1)
             total += float((log_p.exp() * (log_p - log_q)).sum())
             count += log_p.shape[0]
     return total / count

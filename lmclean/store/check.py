@@ -87,9 +87,12 @@ def check_store(path: Path | str, progress: Progress | None = None, replay: bool
 
 
 def _arrays(store: TrajectoryStore) -> list[str]:
-    names = [f"steps/{n}" for n in fmt.STEP_ARRAYS]
+    names = [f"steps/{n}" for n in fmt.STEP_ARRAYS if n not in fmt.OPTIONAL_STEP_ARRAYS or n in store.root["steps"]]
     for group in ("checkpoints", "samples"):
         names += sorted(f"{group}/{n}" for n, _ in store.root[group].arrays())
+    if "corrections" in store.root:  # correction events (lmclean/store/corrections.py), listed or not
+        for event, grp in sorted(store.root["corrections"].groups()):
+            names += sorted(f"corrections/{event}/{n}" for n, _ in grp.arrays())
     return names
 
 
@@ -100,6 +103,8 @@ def _where(store: TrajectoryStore, name: str, row: int) -> tuple[str, int | None
     if name.startswith("checkpoints/"):
         step = store.meta["checkpoint_plan"][row]
         return f"row {row} (checkpoint of step {step})", step
+    if name.startswith("corrections/"):
+        return f"correction {name.split('/')[1][1:]}", None
     return f"row {row}", None
 
 
@@ -174,6 +179,12 @@ def _check_marker(store: TrajectoryStore, report: CheckReport, marker: dict[str,
             report.problems.append(Problem("steps/sample_ids", t, f"store {store.path}: {fmt.COMMIT_FILE} counts {n} "
                                            f"committed steps but step {t} was never written; the commit marker is "
                                            "damaged"))
+    for e in marker.get("corrections", []):
+        for name in (f"corrections/c{e['index']}/{a}" for a in ("theta", *e["state"])):
+            if 0 not in present.get(name, set()):
+                report.problems.append(Problem(name, e["step"], f"store {store.path}: {fmt.COMMIT_FILE} lists correction "
+                                               f"{e['index']} (step {e['step']}), but array {name} has no data; the store "
+                                               "is damaged"))
     plan = list(store.meta["checkpoint_plan"])
     for c in marker["checkpoints"]:
         k = plan.index(c)
@@ -198,7 +209,8 @@ def _replay(store: TrajectoryStore, report: CheckReport, marker: dict[str, Any],
     bf16 = store.meta["precision"] == "bf16"
     for c0, c1 in zip(cks, cks[1:]):
         try:
-            for t, theta, state in store.iter_states(c0, c1):
+            # θ[c1] before the events at c1: a checkpoint is taken before the jump at its step
+            for t, theta, state in store.iter_states(c0, c1, jump_at_stop=False):
                 if t > c0:
                     report.steps_replayed += 1
                     tick("replaying θ", report.steps_replayed, total)

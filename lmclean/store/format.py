@@ -22,7 +22,12 @@ MISSING_BF16 = 0xFFFF  # a bfloat16 NaN
 # applied (clipped) gradient and grad_norm its norm before clipping. Stores written before clipping
 # was recorded lack steps/clip: it reads as 1.0.
 STEP_SCALARS = ("lr", "loss", "grad_norm", "clip")
-STEP_ARRAYS = (*STEP_SCALARS, "grad", "sample_ids", "weights", "lengths", "tokens")
+# micro, width: for runs with gradient accumulation recorded with micro_batches (the Trainer
+# callback), the micro-batch index of each row and the padded width that micro-batch had. Under
+# bf16 autocast the rounding depends on the batch shape, so an exact recomputation needs them.
+MICRO_ARRAYS = ("micro", "width")
+STEP_ARRAYS = (*STEP_SCALARS, "grad", "sample_ids", "weights", "lengths", "tokens", *MICRO_ARRAYS)
+OPTIONAL_STEP_ARRAYS = ("clip", *MICRO_ARRAYS)  # absent from older stores / stores without micro-batches
 # One row per chunk: the gradient. Its chunks are stored GRAD_SHARD_ROWS to a file (Zarr v3
 # sharding, index at the start of the file with its own checksum), appended in place by the writer: on the
 # ext4 disk of the development machine creating a file costs ~0.4 ms of kernel CPU, more than
@@ -33,7 +38,7 @@ GRAD_SHARD_BYTES = 1 << 30  # fewer rows per shard for large models: a shard hol
 SHARD_ALIGN = 4096  # shard data offsets and row extents: the O_DIRECT alignment
 # BLOCK_ROWS steps per chunk, kept in memory by the writer and rewritten at each commit: small
 # rows whose own chunk file per step cost more CPU than encoding and writing the gradient.
-BLOCK_ARRAYS = (*STEP_SCALARS, "sample_ids", "weights", "lengths")
+BLOCK_ARRAYS = (*STEP_SCALARS, "sample_ids", "weights", "lengths", *MICRO_ARRAYS)
 BLOCK_ROWS = 256
 # The tokens (5 KB a step for the example model) come in blocks of TOKEN_ROWS steps: a file per
 # step cost 0.26 ms of writer CPU per step, and a 256-row block (1.3 MB) re-encoded at every commit

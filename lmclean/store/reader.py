@@ -21,6 +21,7 @@ import zarr
 from lmclean.errors import InputNotFoundError, StoreError, StoreVersionError
 from lmclean.store import format as fmt
 from lmclean.store.codec import ChecksumError, ChunkCodec, array_codec, checked_chunk
+from lmclean.store.corrections import CorrectionEvent, apply_correction, read_correction, validate_events
 from lmclean.store.shard import read_row
 
 
@@ -42,6 +43,8 @@ class StepRecord:
     lengths: np.ndarray  # (b,) int32
     clip: float = 1.0  # factor the stored (applied) gradient was clipped by
     loss_mask: np.ndarray | None = None  # (b, L) bool: position n is a loss target; None: every position
+    micro: np.ndarray | None = None  # (b,) micro-batch index of each row (None: one batch)
+    width: np.ndarray | None = None  # (b,) padded width of each row's micro-batch
 
 
 class TrajectoryStore:
@@ -108,6 +111,21 @@ class TrajectoryStore:
         """Committed checkpoint steps, ascending."""
         return list(self.commit_state()["checkpoints"])
 
+    @property
+    def corrections(self) -> list[CorrectionEvent]:
+        """The committed correction events (jumps of θ and the optimizer state), in step order."""
+        return [CorrectionEvent(e["index"], e["step"], e["request_id"], e["method"], tuple(e["state"]))
+                for e in self.commit_state()["corrections"]]
+
+    def correction(self, event: CorrectionEvent) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(Δθ, {buffer: Δ}) of one event, read through the verified codec path."""
+        return read_correction(self, event)
+
+    def jumps_at(self, t: int, events: list[CorrectionEvent] | None = None,
+                 ) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        """The (Δθ, Δstate) of every event at step t, in the order they are applied."""
+        return [read_correction(self, e) for e in (self.corrections if events is None else events) if e.step == t]
+
     # -- rows --------------------------------------------------------------------------------
     def _check_step(self, t: int) -> None:
         # Steps below a count already seen committed stay committed while we hold the store (writers
@@ -168,7 +186,14 @@ class TrajectoryStore:
             step=t, lr=float(self._row("steps/lr", t)), loss=float(self._row("steps/loss", t)),
             grad_norm=float(self._row("steps/grad_norm", t)), sample_ids=ids[keep],
             weights=self._row("steps/weights", t)[keep], tokens=tokens, lengths=lengths,
-            clip=float(self._row("steps/clip", t)) if self.has_clip else 1.0, loss_mask=mask)
+            clip=float(self._row("steps/clip", t)) if self.has_clip else 1.0, loss_mask=mask,
+            micro=self._row("steps/micro", t)[keep] if self.has_micro else None,
+            width=self._row("steps/width", t)[keep] if self.has_micro else None)
+
+    @cached_property
+    def has_micro(self) -> bool:
+        """Whether rows carry their micro-batch (index, padded width): see format.MICRO_ARRAYS."""
+        return "micro" in self.root["steps"]
 
     @cached_property
     def has_clip(self) -> bool:
@@ -238,29 +263,45 @@ class TrajectoryStore:
         return earlier[-1]
 
     def iter_states(self, start: int, stop: int, grad: Callable[[int], torch.Tensor] | None = None,
+                    jump_at_stop: bool = True, device: "torch.device | str | None" = None,
                     ) -> Iterator[tuple[int, torch.Tensor, dict[str, torch.Tensor]]]:
         """Yield (t, θ[t], optimizer state before step t) for start <= t <= stop, streaming.
 
         Begins at the nearest checkpoint at or before `start` and replays the update rule on the
         stored gradients (read with `grad`, default `self.grad`: a caller that also needs g[t] can
         pass a caching reader so each row is decoded once); yielded tensors are reused buffers.
+        θ[t] is post-jump: the correction events at t are applied before it is yielded (what step
+        t's gradient was computed at); `jump_at_stop=False` yields θ[stop] before its events (the
+        checkpoint's meaning: `lmclean check` compares with it). `device`: θ and the state live
+        there and the update rule runs there (where training ran, with the same kernels); `grad`
+        must then return gradients on that device.
         """
         read_grad = grad or self.grad
         if stop > self.committed_steps:
             raise StoreError(f"step {stop} is beyond the {self.committed_steps} committed steps of {self.path}")
         c = self.nearest_checkpoint(start)
         theta, state = self.checkpoint(c)
+        if device is not None:
+            theta, state = theta.to(device), {k: v.to(device) for k, v in state.items()}
         lrs = self.scalars("lr")
+        events = self.corrections
         for t in range(c, stop + 1):
+            if t < stop or jump_at_stop:
+                for dtheta, dstate in self.jumps_at(t, events):
+                    apply_correction(theta, state, dtheta, dstate)
             if t >= start:
                 yield t, theta, state
             if t < stop:
                 self.rule.step(theta, read_grad(t), float(lrs[t]), state, t)
 
     def theta_at(self, t: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """θ[t] (parameters before step t; t = committed_steps gives the final θ) and its optimizer state."""
+        """θ[t] (parameters before step t, after the correction events at t; t = committed_steps gives
+        the final θ) and its optimizer state."""
         if t in self.checkpoint_steps:
-            return self.checkpoint(t)
+            theta, state = self.checkpoint(t)
+            for dtheta, dstate in self.jumps_at(t):
+                apply_correction(theta, state, dtheta, dstate)
+            return theta, state
         for _, theta, state in self.iter_states(t, t):
             return theta.clone(), {k: v.clone() for k, v in state.items()}
         raise StoreError(f"cannot rebuild step {t}")
@@ -378,4 +419,5 @@ def validate_commit(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
     if closed and (n != planned or cks != plan):
         raise StoreError(f"store {path}: {fmt.COMMIT_FILE} says the run is closed with {n} of {planned} steps and "
                          f"checkpoints {cks} of {plan} committed; {fix}")
-    return {"committed_steps": n, "checkpoints": cks, "closed": closed}
+    events = validate_events(path, state.get("corrections"), n, fix)
+    return {"committed_steps": n, "checkpoints": cks, "closed": closed, "corrections": events}

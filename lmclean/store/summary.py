@@ -47,7 +47,10 @@ def summarize(store: TrajectoryStore) -> dict[str, Any]:
             "layers": model_cfg.get("num_hidden_layers", model_cfg.get("n_layer")),
             "parameters": int(meta["param_count"]),
             "tensors": len(meta["manifest"]),
+            "kind": meta.get("model", {}).get("kind", "full"),  # full, or peft / frozen-base: only the adapter is recorded
+            "base": _base_path(store),
         },
+        "recorded_params": int(meta["param_count"]),  # the manifest's size: what each step's gradient holds
         "optimizer": meta["optimizer"],
         "schedule": meta.get("schedule"),
         "tokenizer": meta.get("tokenizer"),
@@ -65,6 +68,12 @@ def summarize(store: TrajectoryStore) -> dict[str, Any]:
                   "compression_vs_fp32": round(raw / grad_disk, 3) if grad_disk else None,
                   "bytes_per_param_per_step": round(grad_disk / max(1, committed * int(meta["param_count"])), 3)},
     }
+
+
+def _base_path(store: TrajectoryStore) -> str | None:
+    """Where an adapter store's frozen base lives (a relative path is inside the store)."""
+    path = (store.meta.get("model") or {}).get("base", {}).get("path")
+    return None if path is None else str(store.path / path)
 
 
 def sample_report(store: TrajectoryStore, sample_id: int) -> dict[str, Any]:

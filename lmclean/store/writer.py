@@ -35,6 +35,7 @@ from lmclean.store import format as fmt
 from lmclean.store.atomic import PARTIAL_SUFFIX, DirSync, atomic_write_json
 from lmclean.store.atomic import atomic_write_bytes as _atomic_write
 from lmclean.store.codec import array_codec, checked_chunk
+from lmclean.store.corrections import CorrectionRow, write_correction
 from lmclean.store.shard import ShardRowArray
 
 
@@ -51,6 +52,8 @@ class StepRow:
     lengths: np.ndarray  # (b,) int32
     pooled: bool = False  # grad is a buffer of the writer's pool (grad_buffer): returned once written
     clip: float = 1.0  # factor the applied gradient `grad` was clipped by
+    micro: np.ndarray | None = None  # (b,) int32 micro-batch index of each row (stores with micro_batches)
+    width: np.ndarray | None = None  # (b,) int32 padded width of the row's micro-batch
 
 
 @dataclass
@@ -191,6 +194,10 @@ def create_layout(path: Path, meta: dict[str, Any], P: int, T: int, B: int, L: i
                        compressors=fmt.INT_CODEC, **flat)
     steps.create_array("lengths", shape=(T, B), chunks=(R, B), dtype="int32", fill_value=fmt.MISSING_INT,
                        compressors=fmt.INT_CODEC, **flat)
+    if meta.get("micro_batches"):
+        for name in fmt.MICRO_ARRAYS:
+            steps.create_array(name, shape=(T, B), chunks=(R, B), dtype="int32", fill_value=fmt.MISSING_INT,
+                               compressors=fmt.INT_CODEC, **flat)
     steps.create_array("tokens", shape=(T, B, L), chunks=(min(fmt.TOKEN_ROWS, max(T, 1)), B, L), dtype="int32",
                        fill_value=fmt.MISSING_INT, compressors=fmt.INT_CODEC, **flat)
     ck = root.create_group("checkpoints")
@@ -212,7 +219,8 @@ class StoreWriter:
     """Writes step rows and checkpoints to an existing store layout from one background thread."""
 
     def __init__(self, path: Path, queue_size: int = 8, committed_steps: int = 0, checkpoints: list[int] | None = None,
-                 commit_interval: float = 1.0, batch_wait: float = 0.03) -> None:
+                 commit_interval: float = 1.0, batch_wait: float = 0.03,
+                 corrections: list[dict[str, Any]] | None = None) -> None:
         self.path = Path(path)
         root = zarr.open_group(str(self.path), mode="r")
         meta = root.attrs[fmt.META_KEY]
@@ -231,6 +239,7 @@ class StoreWriter:
         self._P = self._rows["grad"].shape[1]
         self.committed_steps = committed_steps
         self.checkpoints = sorted(checkpoints or [])
+        self.corrections = list(corrections or [])  # COMMIT.json's events (lmclean/store/corrections.py)
         self.commit_interval = commit_interval
         self.batch_wait = batch_wait
         self.max_pending_bytes = 8 << 20  # token rows held for the next commit, at most
@@ -239,7 +248,7 @@ class StoreWriter:
         self.cpu_seconds = 0.0  # CPU time of the writer thread, set when it stops
         self._last_commit = time.monotonic()
         self._dirty = False
-        self._queue: queue.Queue[StepRow | CheckpointRow | None] = queue.Queue(maxsize=max(1, queue_size))
+        self._queue: queue.Queue[StepRow | CheckpointRow | CorrectionRow | None] = queue.Queue(maxsize=max(1, queue_size))
         # Recycled gradient buffers: one per queue slot, one being written, one being filled. A fresh
         # buffer per step (torch's own, handed over) cost ~170 page faults per step on the training
         # thread, and the TLB shootdowns of freeing it on this thread interrupt training's cores.
@@ -265,7 +274,7 @@ class StoreWriter:
                 if not self._thread.is_alive():
                     raise StoreError(f"writing store {self.path} failed: the writer thread stopped") from None
 
-    def put(self, item: StepRow | CheckpointRow) -> None:
+    def put(self, item: StepRow | CheckpointRow | CorrectionRow) -> None:
         self._raise_if_failed()
         self._queue.put(item)
 
@@ -302,6 +311,8 @@ class StoreWriter:
                         continue  # drain so the producer never blocks forever
                     if isinstance(item, CheckpointRow):
                         self._write_checkpoint(item)
+                    elif isinstance(item, CorrectionRow):
+                        self._write_correction(item)
                     else:
                         self._write_step(item)
                 except BaseException as exc:  # noqa: BLE001 - re-raised on the training thread
@@ -338,6 +349,16 @@ class StoreWriter:
             self.checkpoints.sort()
         self._commit()  # checkpoints are rare and are what resume restarts from: commit at once
 
+    def _write_correction(self, row: CorrectionRow) -> None:
+        """Write the event's arrays (durable), then list it: committed at once, like a checkpoint."""
+        if row.step < self.committed_steps:
+            raise StoreError(f"correction at step {row.step} comes after step {self.committed_steps - 1} was recorded; "
+                             "a jump must be recorded before its step")
+        self._write_staged()
+        write_correction(self.path, row)
+        self.corrections = [e for e in self.corrections if e["index"] != row.index] + [row.listing()]
+        self._commit()
+
     def _write_step(self, row: StepRow) -> None:
         t, b = row.step, len(row.sample_ids)
         if t != self.committed_steps:
@@ -359,6 +380,13 @@ class StoreWriter:
         w[:b] = row.weights
         lens = np.zeros(self._B, dtype=np.int32)
         lens[:b] = row.lengths
+        for name, given in (("micro", row.micro), ("width", row.width)):
+            if name in k:
+                if given is None:
+                    raise StoreError(f"step {t}: store {self.path} records micro-batches; pass micro and widths")
+                arr = np.zeros(self._B, dtype=np.int32)
+                arr[:b] = given
+                k[name].set(t, arr)
         for name, value in (("sample_ids", ids), ("weights", w), ("lengths", lens), ("lr", row.lr),
                             ("loss", row.loss), ("grad_norm", row.grad_norm), ("clip", row.clip)):
             if name in k:
@@ -393,8 +421,11 @@ class StoreWriter:
         pending.sync()
         # a checkpoint counts once the steps before it do (a misused Recorder can send it early)
         listed = [c for c in self.checkpoints if c <= self.committed_steps]
-        atomic_write_json(self.path / fmt.COMMIT_FILE, {
-            "committed_steps": self.committed_steps, "checkpoints": listed, "closed": closed})
+        marker: dict[str, Any] = {"committed_steps": self.committed_steps, "checkpoints": listed, "closed": closed}
+        events = [e for e in self.corrections if e["step"] <= self.committed_steps]
+        if events:  # (absent when there are none: the marker of a plain store stays as it was)
+            marker["corrections"] = events
+        atomic_write_json(self.path / fmt.COMMIT_FILE, marker)
         self._last_commit = time.monotonic()
         self._dirty = False
 
@@ -417,6 +448,10 @@ class StoreWriter:
             for arr in self._ck.values():
                 if not arr.chunk_path(index).is_file():
                     raise StoreError(f"store {self.path}: array {arr.name} has no chunk for the checkpoint of step {step}")
+        for e in self.corrections:
+            for name in ("theta", *e.get("state", [])):
+                if not (self.path / "corrections" / f"c{e['index']}" / name / "c.0").is_file():
+                    raise StoreError(f"store {self.path}: correction {e['index']} (step {e['step']}) has no {name} chunk")
 
     def mark_closed(self) -> None:
         self._commit(closed=True)

@@ -60,10 +60,10 @@ def model_from_config_dict(config_dict: dict[str, Any]) -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", dtype=torch.float32).float()
 
 
-def save_model(model: torch.nn.Module, tokenizer: Any, out: Path, extra_files: dict[str, str] | None = None) -> None:
+def save_model(model: torch.nn.Module, tokenizer: Any, out: Path, extra_files: dict[str, str | bytes] | None = None) -> None:
     """Save an HF model directory atomically: write a sibling temp dir, then rename into place.
 
-    `extra_files` (name -> text, e.g. an unlearning report) land in the same atomic rename.
+    `extra_files` (name -> text or bytes, e.g. an unlearning report) land in the same atomic rename.
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -86,7 +86,10 @@ def save_model(model: torch.nn.Module, tokenizer: Any, out: Path, extra_files: d
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
             for name, text in (extra_files or {}).items():
-                (tmp / name).write_text(text)
+                if isinstance(text, bytes):
+                    (tmp / name).write_bytes(text)
+                else:
+                    (tmp / name).write_text(text)
             for path in tmp.iterdir():  # safetensors writes through a 0600 temp file: every file gets the usual mode
                 if path.is_file():
                     os.chmod(path, 0o666 & ~umask)

@@ -20,6 +20,7 @@ import lmclean
 from lmclean.errors import DataError, ModelMismatchError, StoreError, StoreExistsError
 from lmclean.store import format as fmt
 from lmclean.store.reader import TrajectoryStore
+from lmclean.store.corrections import CorrectionRow
 from lmclean.store.writer import CheckpointRow, StepRow, StoreWriter, create_layout, store_size_bytes
 from lmclean.params import ParamManifest, flat_grads, flat_params
 from lmclean.optim import UpdateRule, rule_from_dict, rule_to_dict
@@ -47,6 +48,7 @@ class Recorder:
         self.plan = list(meta["checkpoint_plan"])
         self.precision = meta["precision"]
         self._saved: set[int] = set()
+        self._next_correction = 1 + max((e["index"] for e in writer.corrections), default=-1)
 
     @classmethod
     def create(cls, path: Path | str, *, manifest: ParamManifest, rule: UpdateRule, planned_steps: int,
@@ -56,11 +58,12 @@ class Recorder:
                tokenizer: str = "external", pad_id: int = 0, excluded_ids: list[int] | None = None,
                overwrite: bool = False, queue_size: int = 8, extra: dict[str, Any] | None = None,
                max_grad_norm: float | None = None, label_mask: bool = False,
-               extra_checkpoints: list[int] | None = None) -> "Recorder":
+               extra_checkpoints: list[int] | None = None, micro_batches: bool = False) -> "Recorder":
         """A new store. `max_grad_norm`: the run clips gradients to this norm (record_step gets the
         clipped gradient and the factor); `label_mask`: batches carry a loss mask (record_step's
         `loss_mask`); `extra_checkpoints`: steps checkpointed besides every `checkpoint_every`
-        (e.g. where a Trainer saves, so its resume can reopen the store there)."""
+        (e.g. where a Trainer saves, so its resume can reopen the store there); `micro_batches`:
+        record_step gets each row's micro-batch index and padded width (gradient accumulation)."""
         path = Path(path)
         if path.exists():
             if not overwrite:
@@ -94,6 +97,7 @@ class Recorder:
             "loss": "sum_i w_i * mean token cross-entropy of sample i (weights fixed per step)",
             "max_grad_norm": float(max_grad_norm) if max_grad_norm else None,
             "label_mask": bool(label_mask),
+            "micro_batches": bool(micro_batches),
             **(extra or {}),
         }
         fps = np.array([np.frombuffer(bytes.fromhex(f), dtype=np.uint8) for f in fingerprints], dtype=np.uint8).reshape(-1, 32)
@@ -107,8 +111,10 @@ class Recorder:
         """Reopen a store to rewrite it from `restart_step` (a committed checkpoint) on."""
         store = TrajectoryStore(path)
         kept = [s for s in store.checkpoint_steps if s <= restart_step]
-        writer = StoreWriter(store.path, queue_size=queue_size, committed_steps=restart_step, checkpoints=kept)
-        writer.commit_now()  # steps past the checkpoint are no longer committed
+        events = [e for e in store.commit_state()["corrections"] if e["step"] <= restart_step]
+        writer = StoreWriter(store.path, queue_size=queue_size, committed_steps=restart_step, checkpoints=kept,
+                             corrections=events)
+        writer.commit_now()  # steps (and correction events) past the checkpoint are no longer committed
         rec = cls(store.path, store.meta, writer)
         rec._saved = set(kept)  # committed checkpoints are never rewritten (a crash could tear them)
         return rec
@@ -125,15 +131,46 @@ class Recorder:
             index=self.plan.index(step), step=step, theta=theta.detach().float().cpu().numpy().copy(),
             state={k: v.detach().float().cpu().numpy().copy() for k, v in opt_state.items()}))
 
+    def correct(self, step: int, delta: torch.Tensor, state_delta: dict[str, torch.Tensor] | None = None,
+                request_id: str | None = None, method: str | None = None, *, theta: torch.Tensor | None = None,
+                opt_state: dict[str, torch.Tensor] | None = None) -> None:
+        """Record a correction event: the run's θ jumps by `delta` (P,) and each optimizer buffer by
+        its `state_delta` right before step `step`'s gradient is computed (call before
+        `record_step(step)`; the caller applies the jump with lmclean.store.corrections.apply_correction,
+        the same arithmetic replay uses). The event is listed in COMMIT.json once its arrays are on
+        disk. On a checkpoint step not yet saved, pass the pre-jump `theta`/`opt_state`: checkpoints
+        hold θ before the jump."""
+        P = int(self.meta["param_count"])
+        if delta.numel() != P:
+            raise ModelMismatchError(f"correction at step {step}: Δθ has {delta.numel()} entries, the manifest {P}")
+        names = set(self.rule.state_names())
+        unknown = sorted(set(state_delta or {}) - names)
+        if unknown:
+            raise ModelMismatchError(f"correction at step {step}: optimizer buffer {unknown[0]!r} is not one of the "
+                                     f"store's ({sorted(names)})")
+        if self.needs_checkpoint(step) and step not in self._saved:
+            if theta is None:
+                raise ValueError(f"step {step} is a checkpoint step: pass the pre-jump theta and opt_state to correct()")
+            self.checkpoint(step, theta, opt_state or {})
+
+        def host(x: torch.Tensor) -> np.ndarray:
+            return x.detach().reshape(-1).float().cpu().numpy().copy()
+
+        self.writer.put(CorrectionRow(self._next_correction, int(step), host(delta),
+                                      {k: host(v) for k, v in (state_delta or {}).items()}, request_id, method))
+        self._next_correction += 1
+
     def record_step(self, step: int, *, lr: float, loss: float, sample_ids: list[int] | np.ndarray,
                     weights: list[float] | np.ndarray | torch.Tensor, input_ids: torch.Tensor,
                     lengths: torch.Tensor, grad: torch.Tensor, theta: torch.Tensor | None = None,
                     opt_state: dict[str, torch.Tensor] | None = None, loss_mask: torch.Tensor | None = None,
-                    grad_norm: float | None = None, clip: float = 1.0) -> None:
+                    grad_norm: float | None = None, clip: float = 1.0, micro: list[int] | None = None,
+                    widths: list[int] | None = None) -> None:
         """Record step `step`: call after backward (and clipping), before the update. `grad` is the
         flat batch gradient the optimizer applies (P,), `grad_norm` its norm before clipping and
         `clip` the factor it was scaled by; `loss_mask` (b, L) marks the positions that are loss
-        targets (stores created with label_mask). `theta`/`opt_state` are needed on checkpoint steps
+        targets (stores created with label_mask); `micro`/`widths` (b,) each row's micro-batch index
+        and that micro-batch's padded width (stores created with micro_batches). `theta`/`opt_state` are needed on checkpoint steps
         (see needs_checkpoint). The gradient is copied into one of the writer's recycled buffers:
         the caller may reuse `grad` at once."""
         w = weights.detach().cpu().numpy() if isinstance(weights, torch.Tensor) else np.asarray(weights)
@@ -160,18 +197,31 @@ class Recorder:
         elif loss_mask is not None and not bool(loss_mask.all()):
             raise DataError(f"step {step}: a loss mask was given but the store was created without label_mask=True")
         g = grad.detach().reshape(-1)
-        if g.device.type != "cpu":
-            g = g.to("cpu", non_blocking=False)
+        copied = None
+        if g.device.type == "cuda":  # into a pinned staging buffer, asynchronously: it overlaps the wait for a writer buffer
+            staging = getattr(self, "_staging", None)
+            if staging is None or staging.numel() != g.numel() or staging.dtype != g.dtype:
+                staging = self._staging = torch.empty(g.numel(), dtype=g.dtype, pin_memory=True)
+            staging.copy_(g, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(torch.cuda.current_stream(g.device))
+            g = staging
+        elif g.device.type != "cpu":
+            g = g.to("cpu")
+        stored = self.writer.grad_buffer()  # (P,) recycled: cheaper than a fresh buffer per step
+        if copied is not None:
+            copied.synchronize()  # the staged gradient is complete before the CPU reads it
         # torch work stays on this thread: torch (or BLAS) calls on the writer thread would compete
         # with training for the cores (see lmclean/store/writer.py)
         norm = float(torch.linalg.vector_norm(g)) if grad_norm is None else float(grad_norm)  # fp32 accumulation: rel. error ~1e-7
-        stored = self.writer.grad_buffer()  # (P,) recycled: cheaper than a fresh buffer per step
         if self.precision == "bf16":
             torch.from_numpy(stored.view(np.int16)).view(torch.bfloat16).copy_(g)  # rounds to nearest even
         else:
             torch.from_numpy(stored).copy_(g)
         self.writer.put(StepRow(
             step=step, lr=float(lr), loss=float(loss), grad=stored, grad_norm=norm, pooled=True, clip=float(clip),
+            micro=None if micro is None else np.asarray(micro, dtype=np.int32),
+            width=None if widths is None else np.asarray(widths, dtype=np.int32),
             sample_ids=np.asarray(sample_ids, dtype=np.int64), weights=w.astype(np.float64),
             tokens=tokens.numpy(), lengths=lengths.detach().cpu().numpy().astype(np.int32)))
 
@@ -205,7 +255,8 @@ class Recorder:
                           loss: float | torch.Tensor, sample_ids: list[int] | np.ndarray,
                           weights: list[float] | np.ndarray | torch.Tensor, input_ids: torch.Tensor,
                           lengths: torch.Tensor, loss_mask: torch.Tensor | None = None,
-                          grad_norm: float | None = None, clip: float = 1.0) -> None:
+                          grad_norm: float | None = None, clip: float = 1.0, micro: list[int] | None = None,
+                    widths: list[int] | None = None) -> None:
         """`record_step` for a model whose `.grad`s are filled (clipped, if the run clips): reads the
         lr from the optimizer, flattens the gradients in manifest order, and on checkpoint steps θ
         and the optimizer state."""
@@ -237,7 +288,7 @@ def torch_optimizer_state(optimizer: torch.optim.Optimizer, model: torch.nn.Modu
         parts = []
         for e in manifest.entries:
             value = optimizer.state.get(params[e.name], {}).get(name)
-            parts.append(torch.zeros(e.numel) if value is None else value.detach().reshape(-1).float())
+            parts.append(torch.zeros(e.numel) if value is None else value.detach().reshape(-1).float().cpu())
         out[name] = torch.cat(parts)
     return out
 

@@ -17,13 +17,16 @@ import torch
 
 from lmclean import config as config_mod
 from lmclean.config import LmcleanConfig
+from lmclean.device import deterministic, float_dtype_on, resolve_device
 from lmclean.errors import ConfigError, DataError, StoreError
 from lmclean.objective import CausalLMObjective
 from lmclean.store.reader import TrajectoryStore
 from lmclean.train.data import Dataset, batch_plan, collate, load_dataset, load_tokenizer
 from lmclean.params import ParamManifest, bind_flat, flat_grads, flat_params
-from lmclean.train.model import fresh_model, load_model, save_model
+from lmclean.adapters import describe_for_store, ensure_base, save_output
+from lmclean.train.model import fresh_model, load_model
 from lmclean.optim import lr_at, make_rule
+from lmclean.train.online import OnlineRequests
 from lmclean.train.recorder import Recorder, RecordStats
 
 StepCallback = Callable[[int, int, float, float], None]  # (step, total, loss, lr)
@@ -40,6 +43,7 @@ class TrainResult:
     stats: RecordStats | None
     model_dir: Path | None
     run: "Run"
+    device: str = "cpu"  # where it trained (train.device resolved)
 
 
 @dataclass
@@ -62,6 +66,10 @@ def prepare(cfg: LmcleanConfig, base: Path | None = None) -> Run:
         model = load_model(cfg.model.path)
     else:
         model = fresh_model(cfg.model.config, len(tokenizer), cfg.data.max_length, cfg.seed)
+    if cfg.model.lora is not None:  # only the adapters train (and are recorded); the base stays frozen
+        from lmclean.adapters import wrap_lora
+
+        model = wrap_lora(model, cfg.model.lora, seed=cfg.seed)
     model.train()
     t = cfg.train
     plan = batch_plan(dataset.ids, t.batch_size, cfg.seed, t.epochs, t.steps, t.shuffle)
@@ -101,7 +109,8 @@ def train(cfg: LmcleanConfig, store: Path | None, *, exclude: list[int] | None =
     kwargs = dict(exclude=exclude, overwrite=overwrite, base=base, on_step=on_step, save_final=save_final,
                   on_start=on_start)
     if store is None:
-        return _train(cfg, None, resume=False, **kwargs)
+        with deterministic(resolve_device(cfg.train.device)):  # CUDA: the kernels replay will run
+            return _train(cfg, None, resume=False, **kwargs)
     store = Path(store)
     holder: list[StoreLock] = []
     if (store / "zarr.json").exists() and (resume or overwrite):
@@ -131,7 +140,8 @@ def train(cfg: LmcleanConfig, store: Path | None, *, exclude: list[int] | None =
 
     kwargs["on_start"] = locked_start
     try:
-        result = _train(cfg, store, resume=resume, **kwargs)
+        with deterministic(resolve_device(cfg.train.device)):  # CUDA: the kernels replay will run
+            result = _train(cfg, store, resume=resume, **kwargs)
         record_event(store, "resume" if resume else "record", cfg, result.steps, result.model_dir,
                      time.perf_counter() - began, start_step=result.start_step if resume else None,
                      excluded_ids=sorted(exclude or []))
@@ -151,15 +161,21 @@ def _train(cfg: LmcleanConfig, store: Path | None, *, exclude: list[int] | None 
         raise DataError(f"--exclude names sample id {unknown[0]} that is not in {run.dataset.path} ({len(unknown)} unknown ids)")
     rule = make_rule(cfg.train)
     total = len(run.plan)
-    theta = flat_params(run.model, run.manifest).clone()  # (P,) the single source of truth
+    device = resolve_device(cfg.train.device)
+    autocast = None if cfg.train.autocast == "off" else cfg.train.autocast  # meta["autocast"], objective.autocast
+    run.model.to(device)
+    theta = flat_params(run.model, run.manifest).clone()  # (P,) the single source of truth, on the device
     bind_flat(run.model, run.manifest, theta)
     state = rule.init_state(theta)
     start = 0
     recorder: Any
+    model_meta = describe_for_store(run.model) if store is not None else None  # meta["model"]
+    online = OnlineRequests.open(cfg, store, resume)  # deletion requests at step boundaries (before the reopen)
     if store is None:
         recorder, save_final = _NullRecorder(), False
     elif resume:
         recorder, start = _reopen(store, cfg, sorted(excluded), theta, state, run)
+        excluded = excluded | set(recorder.meta.get("dropped_ids", []))  # forgotten before `record --continue`
     else:
         recorder = Recorder.create(
             store, manifest=run.manifest, rule=rule, planned_steps=total, batch_size=cfg.train.batch_size,
@@ -169,13 +185,20 @@ def _train(cfg: LmcleanConfig, store: Path | None, *, exclude: list[int] | None 
             model_config=run.model.config.to_dict(), tokenizer=cfg.tokenizer,
             pad_id=run.tokenizer.pad_token_id or 0, excluded_ids=sorted(excluded), overwrite=overwrite,
             queue_size=cfg.record.queue_size, extra={"data_path": str(run.dataset.path), "seed": cfg.seed,
-                   "truncated_samples": run.dataset.truncated})
+                   "truncated_samples": run.dataset.truncated, "model": model_meta,
+                   "device": str(device), "autocast": autocast})
     loss_value = float("nan")
     try:
         if on_start:
             on_start(start, total)
+        if store is not None:  # the frozen base the store's adapters need (STORE/base when it has no directory)
+            ensure_base(run.model, Path(store), model_meta, recorder.meta.get("model", {"kind": "full"}))
         began = time.perf_counter()
+        if online is not None:
+            online.bind(recorder, excluded, start)
         for t in range(start, total):
+            if online is not None:  # pending requests: corrected θ/state, their samples added to `excluded`
+                online.maybe_apply(t, theta, state)
             batch = run.plan[t]
             kept = [i for i in batch if i not in excluded]
             lr = lr_at(t, total, cfg.train)
@@ -183,7 +206,8 @@ def _train(cfg: LmcleanConfig, store: Path | None, *, exclude: list[int] | None 
             for p in run.model.parameters():
                 p.grad = None
             if kept:
-                obj = CausalLMObjective(run.model, input_ids, lengths, weights)
+                obj = CausalLMObjective(run.model, input_ids.to(device), lengths.to(device),
+                                        weights.to(device, float_dtype_on(device)), autocast=autocast)
                 loss = obj.loss_from_outputs(obj.outputs(dict(run.model.named_parameters())))
                 loss.backward()
                 loss_value = float(loss.detach())
@@ -205,14 +229,14 @@ def _train(cfg: LmcleanConfig, store: Path | None, *, exclude: list[int] | None 
             if model_dir is not None:
                 # the final model is saved before the store is marked closed: a crash in between
                 # leaves a store that `--resume` completes (nothing left to train; it saves the model)
-                save_model(run.model, run.tokenizer, model_dir)
+                save_output(run.model, run.tokenizer, model_dir)
 
         stats = recorder.close(total, theta, state, before_closed=finish)
         seconds = timing[0] if timing else time.perf_counter() - began
     except BaseException:
         recorder.abort()
         raise
-    return TrainResult(Path(store) if store else None, total, start, loss_value, seconds, stats, model_dir, run)
+    return TrainResult(Path(store) if store else None, total, start, loss_value, seconds, stats, model_dir, run, str(device))
 
 
 def stored_config(store: Path, overrides: list[str] | None = None) -> tuple[LmcleanConfig, Path | None, list[int]]:
@@ -229,11 +253,23 @@ def stored_config(store: Path, overrides: list[str] | None = None) -> tuple[Lmcl
     return cfg, base, list(meta.get("excluded_ids", []))
 
 
+def _resume_differences(stored: dict[str, Any], cfg: LmcleanConfig) -> list[str]:
+    """Config changes that forbid --resume. `train.device` may change (where the run goes on, not
+    what it computes); keys added to lmclean after the store was written count as their defaults."""
+    filled = {k: dict(v) if isinstance(v, dict) else v for k, v in stored.items()}
+    for section, keys in config_mod.to_dict(LmcleanConfig()).items():
+        if section not in filled:
+            filled[section] = keys
+        elif isinstance(keys, dict) and isinstance(filled[section], dict):
+            filled[section] = {**keys, **filled[section]}  # a section's keys only: values stay as stored
+    return [d for d in config_mod.diff(filled, config_mod.to_dict(cfg)) if not d.startswith("train.device:")]
+
+
 def _reopen(store: Path, cfg: LmcleanConfig, excluded: list[int], theta: torch.Tensor,
             state: dict[str, torch.Tensor], run: Run) -> tuple[Recorder, int]:
     """Continue a store from its last committed checkpoint, refusing if the config or data differ."""
     existing = TrajectoryStore(store)
-    differences = config_mod.diff(existing.meta["config"], config_mod.to_dict(cfg))
+    differences = _resume_differences(existing.meta["config"], cfg)
     if existing.meta.get("excluded_ids", []) != excluded:
         differences.append(f"exclude: {existing.meta.get('excluded_ids')} -> {excluded}")
     if differences:
@@ -249,7 +285,7 @@ def _reopen(store: Path, cfg: LmcleanConfig, excluded: list[int], theta: torch.T
     committed = existing.committed_steps
     restart = existing.nearest_checkpoint(committed) if existing.checkpoint_steps else 0
     if existing.checkpoint_steps:
-        ck_theta, ck_state = existing.checkpoint(restart)
+        ck_theta, ck_state = existing.theta_at(restart)  # after the correction events at restart (jumps)
         theta.copy_(ck_theta)
         for k, v in ck_state.items():
             state[k].copy_(v)

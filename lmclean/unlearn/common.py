@@ -52,6 +52,9 @@ class SweepResult:
     damping: float = 0.0
     divergence: str = "ok"
     clipped_steps: int = 0
+    # the optimizer state that belongs to θ̂: buffer name -> (P,) change of the recorded final state
+    # (missing names: unchanged). `record --continue` trains on from θ̂ with it.
+    state_delta: dict[str, Tensor] = field(default_factory=dict)
 
 
 def flat_grad(obj: Objective, manifest: ParamManifest, theta: Tensor) -> Tensor:

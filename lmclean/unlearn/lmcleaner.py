@@ -197,6 +197,8 @@ def _sweep(traj: Trajectory, forget: ForgetSet, settings: PropagationSettings, d
     for t, theta, state in traj.states(op.block_start(first), end - 1):
         if v is None:
             v, m, s2 = torch.zeros_like(theta), torch.zeros_like(theta), torch.zeros_like(theta)
+            decay, wd_adam, scale = (x.to(theta.device, theta.dtype) if isinstance(x, torch.Tensor) else x
+                                     for x in (decay, wd_adam, scale))
         info = traj.batch(t)
         operator = op if t < stop else tail_op
         retained = [int(i) for i in info.sample_ids
@@ -228,7 +230,7 @@ def _sweep(traj: Trajectory, forget: ForgetSet, settings: PropagationSettings, d
                         result.clipped_steps += 1
                 d += hv
             if t in affected:
-                d -= flat_grad(traj.objective(t, affected[t]), traj.manifest, theta)
+                d -= flat_grad(traj.objective(t, affected[t], micro=True), traj.manifest, theta)
                 result.gradients += 1
             if info.clip < 1.0:  # the run clipped this step: δ(clip(g)) = J_clip δg (docs/algorithm.md)
                 d = clip_tangent(d, traj.stored_grad(t), info.grad_norm, info.clip)
@@ -243,6 +245,9 @@ def _sweep(traj: Trajectory, forget: ForgetSet, settings: PropagationSettings, d
         record(t)
     flush(end - 1)
     result.delta = v if v is not None else torch.zeros(traj.manifest.size)
+    if v is not None:  # the optimizer state of θ̂: v_m (SGD momentum), δm and δs (AdamW)
+        moved = {"exp_avg": m, "exp_avg_sq": s2} if adam else {"momentum_buffer": m} if rule.momentum else {}
+        result.state_delta = {k: x for k, x in moved.items() if k in rule.state_names()}
     result.products = op.products + tail_op.products
     if result.clipped_steps:
         result.notes.append(f"{result.clipped_steps} steps had η·λ(H) > 2 along v; their curvature step was clipped "

@@ -22,6 +22,7 @@ import torch
 
 import lmclean
 from lmclean._faults import crash_point
+from lmclean.device import check_device_spec, deterministic, replay_drift, resolve_device
 from lmclean.errors import AuditError, ConfigError, Interrupted
 from lmclean.store.reader import TrajectoryStore
 from lmclean.unlearn.common import ForgetSet, SweepResult
@@ -41,8 +42,10 @@ class UnlearnOptions:
     fraction: float | None = None  # replay: control-variate subsample fraction
     noise: float = 0.0
     seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps (lmclean/device.py)
 
     def __post_init__(self) -> None:
+        check_device_spec(self.device, "--device")
         if self.method not in METHODS:
             raise ConfigError(f"--method {self.method!r} is not known; use one of {list(METHODS)}")
         if self.K is not None and self.K < 0:
@@ -60,6 +63,7 @@ class OutputSpec:
     overwrite: bool = False  # replace an existing non-empty --out directory (never a store)
     base: Path | None = None  # default: the store's current model
     base_unrelated: bool = False  # accept a --base outside the store's chain (recorded in the audit)
+    merge: bool = False  # adapter stores: write the merged full model (default: the adapter directory)
 
 
 @dataclass(frozen=True)
@@ -72,13 +76,14 @@ class StartModel:
     recorded: bool = False  # the recorded final model (θ read from the store's last checkpoint)
 
 
-def open_trajectory(store: TrajectoryStore) -> StoreTrajectory:
+def open_trajectory(store: TrajectoryStore, device: str = "cpu") -> StoreTrajectory:
+    from lmclean.adapters import store_model
     from lmclean.store.scrub import tombstones
-    from lmclean.train.model import model_from_config_dict
 
-    model = model_from_config_dict(store.meta["model_config"])
+    where = resolve_device(device)
+    model = store_model(store).to(where)  # a full skeleton, or the verified base + adapter
     model.eval()  # no dropout: curvature and gradients of the recorded (deterministic) loss
-    return StoreTrajectory(store, model, set(tombstones(store.path)))
+    return StoreTrajectory(store, model, set(tombstones(store.path)), device=where)
 
 
 def starting_point(store: TrajectoryStore, history: Any, output: OutputSpec, method: str) -> StartModel:
@@ -113,10 +118,10 @@ def start_theta(store: TrajectoryStore, start: StartModel) -> torch.Tensor:
     if start.recorded:
         theta, _ = store.checkpoint(store.committed_steps)
         return theta
+    from lmclean.adapters import load_for_store
     from lmclean.params import flat_params
-    from lmclean.train.model import load_model
 
-    model = load_model(start.path)
+    model = load_for_store(store, start.path)  # an adapter store's outputs are adapter directories
     store.manifest.check_model(model, f"model {start.path}")
     return flat_params(model, store.manifest).clone()
 
@@ -159,6 +164,7 @@ class Prepared:
     forget: ForgetSet  # what the engine removes
     traj: StoreTrajectory
     window: Window
+    merge: bool = False  # OutputSpec.merge
 
 
 def prepare(store_path: Path | str, spec: ForgetSpec, options: UnlearnOptions, output: OutputSpec,
@@ -184,9 +190,9 @@ def prepare(store_path: Path | str, spec: ForgetSpec, options: UnlearnOptions, o
     refuse_used_request_id(records, who.request_id)
     start = starting_point(store, history, output, options.method)
     out = check_output(output.out or default_out(store.path), overwrite=output.overwrite)
-    traj = open_trajectory(store)
+    traj = open_trajectory(store, options.device)
     forget = engine_forget(resolved, history, options.method)
-    return Prepared(store, resolved, history, start, out, forget, traj, window_of(traj, forget, options))
+    return Prepared(store, resolved, history, start, out, forget, traj, window_of(traj, forget, options), output.merge)
 
 
 def resolve(store: TrajectoryStore, spec: ForgetSpec) -> ResolvedForget:
@@ -253,7 +259,13 @@ def _compute(p: Prepared, options: UnlearnOptions, progress: Progress | None) ->
         if progress:
             progress(t, norm)
 
-    result = run_method(p.traj, p.forget, options, tick)
+    with deterministic(p.traj.device):  # CUDA: deterministic kernels, so replay drifts as little as it can
+        result = run_method(p.traj, p.forget, options, tick)
+        drift = replay_drift(p.traj, p.window.first, min(p.window.first + 8, p.traj.n_steps - 1)) if p.window.affected else None
+    result.delta = result.delta.cpu()  # the correction is applied and saved on the CPU
+    if drift is not None and drift[1] > 1e-6:
+        result.notes.append(f"replay drift {drift[1]:.2e}: ‖g' − g‖/‖g‖ of the gradient recomputed at step {drift[0]} on "
+                            f"{p.traj.device} against the stored one (0 = same kernels; bf16 storage alone ~2e-3)")
     if options.method == "replay":  # θ̂ = the counterfactual run's θ[τ]: recorded θ[τ] + (θ' − θ)
         theta, _ = p.store.checkpoint(p.store.committed_steps)
     else:  # compose: the new correction on top of the current model
@@ -265,7 +277,9 @@ def _compute(p: Prepared, options: UnlearnOptions, progress: Progress | None) ->
     if not torch.isfinite(theta_hat).all():
         raise ConfigError("the unlearned parameters are not finite; nothing was written (raise --damping or lower --K)")
     crash_point("unlearn:after-compute")
-    return theta_hat, result, _report(p, options, result, time.perf_counter() - started)
+    report = _report(p, options, result, time.perf_counter() - started)
+    report["replay_drift"], report["replay_drift_step"] = drift[1] if drift else None, drift[0] if drift else None
+    return theta_hat, result, report
 
 
 def _report(p: Prepared, options: UnlearnOptions, result: SweepResult, seconds: float) -> dict[str, Any]:
@@ -296,6 +310,7 @@ def _report(p: Prepared, options: UnlearnOptions, result: SweepResult, seconds: 
         "v_norms": norms,
         "delta_norm": float(torch.linalg.vector_norm(result.delta)),
         "divergence_check": result.divergence, "notes": result.notes,
+        "device": str(p.traj.device), "autocast": p.traj.autocast,
         "wall_seconds": round(seconds, 3), "output": str(p.out),
     }
 
@@ -305,17 +320,19 @@ def _write_and_audit(p: Prepared, options: UnlearnOptions, who: Requester, theta
     """Stage the model, write the intent, append the audit record (the commit point), publish."""
     from lmclean.audit import model_digest, new_request_id, unlearn_event
     from lmclean.train.data import load_tokenizer
-    from lmclean.train.model import load_flat_into, model_from_config_dict, save_model
+    from lmclean.adapters import save_output, store_model
+    from lmclean.train.model import load_flat_into
     from lmclean.audit.publish import PendingPublish, publish, stage_path
 
     norms = report.pop("v_norms")
     staged = stage_path(p.out)
     if staged.exists():  # a crash after staging, before the intent: never recorded, ours to remove
         shutil.rmtree(staged)
-    model = model_from_config_dict(p.store.meta["model_config"])
+    model = store_model(p.store)
     load_flat_into(model, p.store.manifest, theta_hat)
-    save_model(model, load_tokenizer(p.store.meta["tokenizer"]), staged,
-               extra_files={"unlearn_report.json": json.dumps(report, indent=1)})
+    save_output(model, load_tokenizer(p.store.meta["tokenizer"]), staged, merge=p.merge,
+                extra_files={"unlearn_report.json": json.dumps(report, indent=1),
+                             OPTIMIZER_DELTA: optimizer_delta_bytes(result.state_delta)})
     request_id = who.request_id or new_request_id()
     out = p.out.absolute()  # the audit names the current model by a path that works from any directory
     digest = model_digest(staged)
@@ -335,6 +352,25 @@ def _write_and_audit(p: Prepared, options: UnlearnOptions, who: Requester, theta
     crash_point("unlearn:after-audit")
     publish(pending)
     return record
+
+
+OPTIMIZER_DELTA = "optimizer_delta.safetensors"  # Δ of each optimizer buffer for θ̂ (none listed: zeros)
+
+
+def optimizer_delta_bytes(state_delta: dict[str, torch.Tensor]) -> bytes:
+    """The output's optimizer-state change as safetensors bytes (float32 (P,) per buffer): what
+    `record --continue` adds to the recorded final state to train on from this model."""
+    from safetensors.torch import save
+
+    return save({k: v.detach().float().cpu().contiguous() for k, v in sorted(state_delta.items())})
+
+
+def load_optimizer_delta(model_dir: Path) -> dict[str, torch.Tensor] | None:
+    """The optimizer-state change saved beside an unlearned model, None when it has none."""
+    from safetensors.torch import load_file
+
+    path = Path(model_dir) / OPTIMIZER_DELTA
+    return load_file(str(path)) if path.is_file() else None
 
 
 def default_out(store: Path) -> Path:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lmclean.objective import CausalLMObjective, Objective, SquaredErrorObjective
+from lmclean.objective import CausalLMObjective, MicroBatchedObjective, Objective, SquaredErrorObjective
 from lmclean.params import ParamManifest
 from lmclean.optim import UpdateRule, clip_factor, clip_gradient
 
@@ -37,8 +37,9 @@ class Trajectory(Protocol):
 
     def batch(self, t: int) -> BatchInfo: ...
 
-    def objective(self, t: int, sample_ids: Sequence[int]) -> Objective:
-        """The step-t loss restricted to `sample_ids` (recorded weights kept: fixed denominator)."""
+    def objective(self, t: int, sample_ids: Sequence[int], micro: bool = False) -> Objective:
+        """The step-t loss restricted to `sample_ids` (recorded weights kept: fixed denominator);
+        `micro`: computed micro-batch by micro-batch as the run did (for gradients)."""
         ...
 
     def states(self, start: int, stop: int) -> Iterator[tuple[int, Tensor, dict[str, Tensor]]]:
@@ -61,9 +62,12 @@ class Trajectory(Protocol):
 class StoreTrajectory:
     """A causal-LM trajectory read from a store; tombstoned samples are treated as absent."""
 
-    def __init__(self, store: "TrajectoryStore", model: torch.nn.Module, tombstoned: set[int] | None = None) -> None:  # noqa: F821
+    def __init__(self, store: "TrajectoryStore", model: torch.nn.Module, tombstoned: set[int] | None = None,  # noqa: F821
+                 device: torch.device | str = "cpu") -> None:
         self.store = store
         self.model = model
+        self.device = torch.device(device)  # θ[t], g[t] and the objectives' tensors live here (model too)
+        self.autocast = store.meta.get("autocast")  # the recorded precision: gradients recompute under it
         self.manifest = store.manifest
         self.rule = store.rule
         self.n_steps = store.committed_steps
@@ -87,24 +91,45 @@ class StoreTrajectory:
         keep = np.array([int(i) not in self.tombstoned for i in rec.sample_ids], dtype=bool)
         return BatchInfo(t, float(self._lrs[t]), rec.sample_ids[keep], rec.weights[keep], rec.clip, rec.grad_norm)
 
-    def objective(self, t: int, sample_ids: Sequence[int]) -> Objective:
+    def objective(self, t: int, sample_ids: Sequence[int], micro: bool = False) -> Objective:
+        """`micro=True` (gradients that must match the run: replay, injections): rows grouped into
+        the recorded micro-batches, each padded to its recorded width, one forward each, as the
+        training run computed them. Otherwise one batch (curvature)."""
         rec = self._record(t)
         wanted = {int(i) for i in sample_ids} - self.tombstoned
         pos = [k for k, i in enumerate(rec.sample_ids) if int(i) in wanted]
+        if micro and rec.micro is not None and pos:
+            groups: dict[int, list[int]] = {}
+            for k in pos:
+                groups.setdefault(int(rec.micro[k]), []).append(k)
+            return MicroBatchedObjective([self._rows(rec, rows, int(rec.width[rows[0]])) for _, rows in sorted(groups.items())])
+        return self._rows(rec, pos, None)
+
+    def _rows(self, rec: "StepRecord", pos: list[int], width: int | None) -> CausalLMObjective:  # noqa: F821
+        """The loss of rows `pos` of a step, padded to `width` (default: the longest row)."""
         lengths = torch.from_numpy(rec.lengths[pos].astype(np.int64))
-        width = int(lengths.max()) if len(pos) else 1
-        ids = torch.from_numpy(rec.tokens[pos, :width].astype(np.int64))
-        mask = None if rec.loss_mask is None else torch.from_numpy(rec.loss_mask[pos, :width])
-        return CausalLMObjective(self.model, ids, lengths, torch.from_numpy(rec.weights[pos]), mask)
+        longest = int(lengths.max()) if len(pos) else 1
+        width = max(width or longest, longest)
+        ids = torch.zeros((len(pos), width), dtype=torch.int64)
+        cut = min(width, rec.tokens.shape[1])
+        ids[:, :cut] = torch.from_numpy(rec.tokens[pos, :cut].astype(np.int64))
+        mask = None
+        if rec.loss_mask is not None:
+            mask = torch.zeros((len(pos), width), dtype=torch.bool)
+            mask[:, :cut] = torch.from_numpy(rec.loss_mask[pos, :cut])
+            mask = mask.to(self.device)
+        w = torch.from_numpy(rec.weights[pos]).to(self.device, torch.float32 if self.device.type == "mps" else None)
+        return CausalLMObjective(self.model, ids.to(self.device), lengths.to(self.device), w, mask, self.autocast)
 
     def states(self, start: int, stop: int) -> Iterator[tuple[int, Tensor, dict[str, Tensor]]]:
-        return self.store.iter_states(start, stop, grad=self.stored_grad)
+        return self.store.iter_states(start, stop, grad=self.stored_grad,
+                                      device=None if self.device.type == "cpu" else self.device)
 
     def stored_grad(self, t: int) -> Tensor:
-        """g[t], decoded once per step: the sweep (fisher, batch-level updates, control variates)
-        and the θ replay that follows both ask for it."""
+        """g[t] on the device, decoded once per step: the sweep (fisher, batch-level updates, control
+        variates) and the θ replay that follows both ask for it."""
         if self._grad_cache[0] != t:
-            self._grad_cache = (t, self.store.grad(t))
+            self._grad_cache = (t, self.store.grad(t).to(self.device, non_blocking=True))
         return self._grad_cache[1]
 
     def stored_grad_is_exact(self, t: int) -> bool:
@@ -162,7 +187,7 @@ class InMemoryTrajectory:
         norm = self.norms[t]
         return BatchInfo(t, self.lrs[t], ids, np.full(len(ids), 1.0 / len(ids)), clip_factor(norm, self.max_grad_norm), norm)
 
-    def objective(self, t: int, sample_ids: Sequence[int]) -> Objective:
+    def objective(self, t: int, sample_ids: Sequence[int], micro: bool = False) -> Objective:
         ids = list(sample_ids)
         w = torch.full((len(ids),), 1.0 / len(self.batches[t]), dtype=self.X.dtype)
         return SquaredErrorObjective(self.model, self.X[ids], self.Y[ids], w)

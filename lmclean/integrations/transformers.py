@@ -1,0 +1,354 @@
+"""Record a stock `transformers.Trainer` run into an lmclean store: `LMCleanCallback`.
+
+    trainer = Trainer(model=model, args=TrainingArguments(..., remove_unused_columns=False),
+                      train_dataset=ds, data_collator=collate,
+                      callbacks=[LMCleanCallback("runs/ft.zarr", id_column="id")])
+    trainer.train()
+
+Each optimizer step is recorded at `on_pre_optimizer_step`, where the Trainer has clipped the
+gradient and θ[t] is not yet updated. The batch, the sample ids and the Trainer's token count come
+from a wrapper around `model.forward` (it also hides the id column from the model); the pre-clip
+norm from gradient hooks. `exclude=[ids]` trains the same run with those samples dropped from
+their micro-batches and the loss denominator kept: the exact-retraining reference.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from lmclean.adapters import describe_for_store, ensure_base, save_output
+from lmclean.audit import AuditLog, finish_pending_scrub, record_event
+from lmclean.audit.publish import finish_pending_unlearn
+from lmclean.errors import ConfigError, DataError, StoreError, StoreExistsError, UnsupportedError
+from lmclean.integrations._capture import (ForwardCapture, GradNorms, active_dropout, scan_dataset, step_batch,
+                                           unsupported_optimizer)
+from lmclean.optim import rule_from_torch, rule_to_dict
+from lmclean.params import ParamManifest, flat_grads, flat_params
+from lmclean.store.lock import StoreLock
+from lmclean.store.reader import TrajectoryStore
+from lmclean.train.recorder import Recorder, torch_optimizer_state
+
+logger = logging.getLogger(__name__)
+SOURCE = "transformers.Trainer"
+_ACTIVE: dict[Path, list["LMCleanCallback"]] = {}  # store -> callbacks holding its lock in this process
+
+
+class LMCleanCallback(TrainerCallback):
+    """Records the Trainer's steps into the store at `store` (see the module docstring).
+
+    ``checkpoint_every`` steps a full θ + optimizer state is saved (also at every Trainer save step
+    when ``save_strategy="steps"``, so ``resume_from_checkpoint`` can continue the store).
+    ``max_length`` defaults to the longest ``input_ids`` of the training set. ``exact_update``
+    switches a fused/foreach optimizer to torch's single-tensor path, which replay matches bitwise.
+    """
+
+    def __init__(self, store: str | Path, *, id_column: str = "id", exclude: list[int] | None = None,
+                 checkpoint_every: int = 50, max_length: int | None = None, overwrite: bool = False,
+                 precision: str = "fp32", codec: str = "auto", save_model: bool = True,
+                 exact_update: bool = True) -> None:
+        if checkpoint_every < 1:
+            raise ConfigError(f"checkpoint_every={checkpoint_every} must be at least 1")
+        self.path = Path(store)
+        self.id_column, self.exclude = id_column, sorted({int(i) for i in exclude or []})
+        self.checkpoint_every, self.max_length, self.overwrite = checkpoint_every, max_length, overwrite
+        self.precision, self.codec, self.save_model, self.exact_update = precision, codec, save_model, exact_update
+        self.recorder: Any = None
+        self.stats: Any = None  # RecordStats of the last completed run
+        self._lock: Any = None
+        self._capture: ForwardCapture | None = None
+        self._norms: GradNorms | None = None
+
+    # -- Trainer events ----------------------------------------------------------------------
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: torch.nn.Module | None = None,
+                       optimizer: Any = None, train_dataloader: Any = None, processing_class: Any = None,
+                       **kwargs: Any) -> None:
+        # a train() that raised never reached on_train_end: close its run (this callback's, or another
+        # instance's on the same store in this process), so the store is unlocked and resumable
+        for stale in [self, *_ACTIVE.get(self.path.resolve(), [])]:
+            if stale.recorder is not None or stale._lock is not None:
+                stale.abort()
+        optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
+        self._check_run(args, model, optimizer)
+        self.manifest = ParamManifest.from_model(model)
+        self.rule = rule_from_torch(optimizer, model, self.manifest)
+        if self.exact_update:
+            for group in optimizer.param_groups:  # read at every step(): single-tensor is what replay mirrors
+                group["foreach"] = False
+                if group.get("fused"):
+                    group["fused"] = False
+        self.model, self.optimizer = model, optimizer
+        self.pad_id = int(getattr(processing_class, "pad_token_id", None) or 0)
+        self.started = time.perf_counter()
+        self.start_step = int(state.global_step)
+        self.max_grad_norm = float(args.max_grad_norm or 0.0)
+        self.model_meta = describe_for_store(model)  # meta["model"]: what unlearning rebuilds the model from
+        try:
+            if self.start_step > 0:
+                self._reopen(state, model, train_dataloader)
+            else:
+                self._create(args, state, model, train_dataloader)
+            ensure_base(model, self.path, self.model_meta, self.recorder.meta.get("model", {"kind": "full"}))
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            self._norms = GradNorms(trainable)
+            self._capture = ForwardCapture(model, self.id_column, set(self.exclude), lambda: _zero_loss(trainable))
+            self._capture.active = True
+        except BaseException:
+            self.abort()
+            raise
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, model: torch.nn.Module | None = None,
+                              optimizer: Any = None, **kwargs: Any) -> None:
+        if self.recorder is None:
+            return
+        try:
+            self._record(int(state.global_step))
+        except BaseException:
+            self.abort()
+            raise
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Checkpoint θ[s] as soon as step s−1 is done: a Trainer save at s (or a stop) finds it there."""
+        if self.recorder is None or not self.recorder.needs_checkpoint(int(state.global_step)):
+            return
+        try:
+            self.recorder.checkpoint(int(state.global_step), flat_params(self.model, self.manifest).float().cpu(),
+                                     torch_optimizer_state(self.optimizer, self.model, self.manifest, self.rule))
+        except BaseException:
+            self.abort()
+            raise
+
+    def on_train_end(self, args: Any, state: Any, control: Any, model: torch.nn.Module | None = None,
+                     processing_class: Any = None, **kwargs: Any) -> None:
+        if self.recorder is None:
+            return
+        final = int(state.global_step)
+        try:
+            self._unhook()
+            if final < self.recorder.meta["planned_steps"]:
+                logger.warning("LMCleanCallback: training stopped at step %d of %d; store %s is left resumable "
+                               "(resume_from_checkpoint continues it)", final, self.recorder.meta["planned_steps"],
+                               self.path)
+                self.abort()
+                return
+            self._close(final, processing_class)
+        except BaseException:
+            self.abort()
+            raise
+        finally:
+            self._release()
+
+    def abort(self) -> None:
+        """Commit what was recorded, unhook the model and release the store (it stays resumable).
+        The Trainer has no exception hook: call this if `trainer.train()` raises and you go on."""
+        self._unhook()
+        try:
+            if self.recorder is not None:
+                self.recorder.abort()
+        finally:
+            self.recorder = None
+            self._release()
+
+    # -- steps ---------------------------------------------------------------------------------
+    def _record(self, t: int) -> None:
+        micro = self._capture.take() if self._capture else []
+        if not micro:
+            raise StoreError(f"LMCleanCallback: step {t} ran no training forward through the model; a custom "
+                             "compute_loss or training_step must call model(**inputs)")
+        batch = step_batch(micro, self.pad_id)
+        norm = self._norms.total() if self._norms else 0.0
+        clip = min(1.0, self.max_grad_norm / (norm + 1e-6)) if self.max_grad_norm > 0 else 1.0
+        ck = self.recorder.needs_checkpoint(t)
+        self.recorder.record_step(
+            t, lr=float(self.optimizer.param_groups[0]["lr"]), loss=batch.loss, sample_ids=batch.ids,
+            weights=batch.weights, input_ids=batch.input_ids, lengths=batch.lengths,
+            grad=flat_grads(self.model, self.manifest).detach().float().cpu(), grad_norm=norm, clip=clip,
+            loss_mask=batch.loss_mask, micro=batch.micro, widths=batch.widths, theta=flat_params(self.model, self.manifest).float().cpu() if ck else None,
+            opt_state=torch_optimizer_state(self.optimizer, self.model, self.manifest, self.rule) if ck else None)
+        if self._norms:
+            self._norms.reset()
+
+    # -- set-up ----------------------------------------------------------------------------------
+    def _check_run(self, args: Any, model: Any, optimizer: Any) -> None:
+        if model is None or optimizer is None:
+            raise UnsupportedError("LMCleanCallback needs the Trainer's model and optimizer at on_train_begin")
+        if getattr(args, "remove_unused_columns", False):
+            raise ConfigError(f"LMCleanCallback needs the {self.id_column!r} column, which the Trainer drops: pass "
+                              "TrainingArguments(remove_unused_columns=False)")
+        if getattr(args, "world_size", 1) > 1 or getattr(args, "n_gpu", 1) > 1:
+            raise UnsupportedError("LMCleanCallback records single-process, single-device training only")
+        if getattr(args, "label_smoothing_factor", 0.0):
+            raise UnsupportedError("LMCleanCallback cannot record label smoothing; set label_smoothing_factor=0")
+        if getattr(args, "load_best_model_at_end", False):
+            raise UnsupportedError("load_best_model_at_end=True replaces the trained model with an earlier one; "
+                                   "set it False (the store records the last step)")
+        for flag, fix in (("torch_compile", "torch_compile=False"), ("neftune_noise_alpha", "neftune_noise_alpha=None")):
+            if getattr(args, flag, None):
+                raise UnsupportedError(f"LMCleanCallback cannot record a run with {flag} (replay could not "
+                                       f"reproduce it); set {fix}")
+        if getattr(args, "fp16", False):
+            raise UnsupportedError("LMCleanCallback cannot record fp16 training (its loss scaling skips steps); "
+                                   "use bf16=True or fp32")
+        odd = next((n for n, p in model.named_parameters() if p.requires_grad and p.dtype != torch.float32), None)
+        if odd is not None:
+            raise UnsupportedError(f"LMCleanCallback records float32 training only: trainable parameter {odd} is "
+                                   "not float32; load the model (or the adapter) in float32")
+        where = active_dropout(model)
+        if where is not None:
+            raise UnsupportedError(f"LMCleanCallback: {where} has dropout, which replay cannot reproduce; "
+                                   "set dropout to 0")
+        if not isinstance(optimizer, (torch.optim.AdamW, torch.optim.SGD)):
+            raise unsupported_optimizer(optimizer)
+
+    def _create(self, args: Any, state: Any, model: torch.nn.Module, train_dataloader: Any) -> None:
+        dataset = getattr(train_dataloader, "dataset", None)
+        ids, fps, longest = scan_dataset(dataset, self.id_column)
+        unknown = sorted(set(self.exclude) - set(ids))
+        if unknown:
+            raise DataError(f"exclude names sample id {unknown[0]} that is not in the train_dataset "
+                            f"({len(unknown)} unknown ids)")
+        max_length = self.max_length or longest
+        if not max_length:
+            raise DataError("LMCleanCallback cannot tell the longest sample (rows have no input_ids); "
+                            "pass LMCleanCallback(..., max_length=N)")
+        if self.path.exists() and self.overwrite and (self.path / "zarr.json").exists():
+            self._acquire(StoreLock(self.path, "record --overwrite (transformers.Trainer)"))
+        config = {"source": SOURCE, "training_args": json.loads(args.to_json_string()),
+                  "id_column": self.id_column}
+        self.config = config
+        if self.path.exists() and not self.overwrite:
+            raise StoreExistsError(f"store {self.path} already exists; pass LMCleanCallback(..., overwrite=True) to "
+                                   "replace it, or resume_from_checkpoint to continue its run")
+        self.recorder = Recorder.create(
+            self.path, manifest=self.manifest, rule=self.rule, planned_steps=int(state.max_steps),
+            batch_size=int(args.per_device_train_batch_size * args.gradient_accumulation_steps),
+            max_length=int(max_length), checkpoint_every=self.checkpoint_every,
+            extra_checkpoints=_save_steps(args, state), sample_ids=ids, fingerprints=fps,
+            precision=self.precision, codec=self.codec, config=config, model_config=_base_config(model),
+            pad_id=self.pad_id, excluded_ids=self.exclude, overwrite=self.overwrite,
+            max_grad_norm=self.max_grad_norm or None, label_mask=True, micro_batches=True,
+            extra={"model": self.model_meta, "source": SOURCE, "seed": int(args.seed), "id_column": self.id_column,
+                   # bf16=True: the Trainer's forward runs under bf16 autocast with fp32 master weights;
+                   # replay and curvature recompute under the same autocast (lmclean/objective.py)
+                   "autocast": "bf16" if getattr(args, "bf16", False) else None,
+                   "device": str(getattr(args, "device", "cpu"))})
+        if self._lock is None:
+            self._acquire(StoreLock(self.path, "record (transformers.Trainer)"))
+
+    def _reopen(self, state: Any, model: torch.nn.Module, train_dataloader: Any) -> None:
+        """Continue the store at the Trainer checkpoint's step, refusing a store of another run."""
+        step = self.start_step
+        if not (self.path / "zarr.json").exists():
+            raise StoreError(f"resuming the Trainer at step {step} but store {self.path} does not exist; "
+                             "record from step 0 or point LMCleanCallback at the run's store")
+        self._acquire(StoreLock(self.path, "record --resume (transformers.Trainer)"))
+        AuditLog(self.path).require_intact()
+        finish_pending_unlearn(self.path)
+        finish_pending_scrub(self.path)
+        store = TrajectoryStore(self.path)
+        if store.closed:
+            raise StoreError(f"store {self.path} is already complete ({store.committed_steps} steps); nothing to resume")
+        meta = store.meta
+        mine = {"manifest": self.manifest.to_list(), "optimizer": rule_to_dict(self.rule),
+                "excluded_ids": self.exclude, "planned_steps": int(state.max_steps)}
+        for key, value in mine.items():
+            if json.loads(json.dumps(value)) != meta.get(key):
+                raise ConfigError(f"resume: the run's {key} differs from store {self.path}'s; resume the same run")
+        if step not in store.checkpoint_steps or store.committed_steps < step:
+            raise StoreError(f"store {self.path} has no checkpoint at the Trainer's step {step} (checkpoints: "
+                             f"{store.checkpoint_steps}); resume from a Trainer checkpoint the store covers")
+        ids, fps, _ = scan_dataset(getattr(train_dataloader, "dataset", None), self.id_column)
+        if dict(zip(ids, fps)) != store.sample_fingerprints:
+            raise DataError(f"resume: the train_dataset differs from the data recorded in store {self.path}; "
+                            "resume with the same data")
+        theta, _ = store.checkpoint(step)
+        if not torch.equal(theta, flat_params(model, self.manifest).float().cpu()):
+            raise DataError(f"resume: the Trainer checkpoint's weights differ from store {self.path} at step {step}; "
+                            "resume from this run's checkpoint")
+        self.config = meta.get("config", {})
+        self.recorder = Recorder.reopen(self.path, step)
+
+    def _close(self, final: int, processing_class: Any) -> None:
+        model_dir = self.path / "model" if self.save_model else None
+
+        def save() -> None:
+            if model_dir is not None:
+                save_output(self.model, processing_class, model_dir)
+
+        self.stats = self.recorder.close(
+            final, flat_params(self.model, self.manifest).float().cpu(),
+            torch_optimizer_state(self.optimizer, self.model, self.manifest, self.rule), before_closed=save)
+        self.recorder = None
+        resumed = self.start_step > 0
+        record_event(self.path, "resume" if resumed else "record", self.config, self.stats.steps, model_dir,
+                     time.perf_counter() - self.started, start_step=self.start_step if resumed else None,
+                     excluded_ids=self.exclude, model_before_dir=None if resumed else _pretrained_dir(self.model))
+
+    # -- plumbing ----------------------------------------------------------------------------------
+    def _unhook(self) -> None:
+        if self._capture is not None:
+            self._capture.remove()
+            self._capture = None
+        if self._norms is not None:
+            self._norms.remove()
+            self._norms = None
+
+    def _acquire(self, lock: Any) -> None:
+        lock.acquire()
+        self._lock = lock
+        _ACTIVE.setdefault(self.path.resolve(), []).append(self)
+
+    def _release(self) -> None:
+        held = _ACTIVE.get(self.path.resolve(), [])
+        if self in held:
+            held.remove(self)
+        if self._lock is not None:
+            lock, self._lock = self._lock, None
+            lock.release()
+
+
+@atexit.register
+def _abort_at_exit() -> None:
+    """A run that raised and was never resumed: commit what it recorded and unlock the store."""
+    for held in list(_ACTIVE.values()):
+        for cb in list(held):
+            cb.abort()
+
+
+def _zero_loss(params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """0, connected to every trainable parameter (a micro-batch whose rows are all excluded)."""
+    return sum(p.reshape(-1)[:1].sum() for p in params) * 0.0  # type: ignore[return-value]
+
+
+def _base(model: torch.nn.Module) -> torch.nn.Module:
+    get = getattr(model, "get_base_model", None)  # PEFT
+    return get() if callable(get) else model
+
+
+def _base_config(model: torch.nn.Module) -> dict[str, Any]:
+    config = getattr(_base(model), "config", None)
+    return config.to_dict() if config is not None else {}
+
+
+def _save_steps(args: Any, state: Any) -> list[int]:
+    """The steps the Trainer saves a checkpoint at: the store checkpoints them too, so that
+    `resume_from_checkpoint` can reopen it there."""
+    every = int(getattr(state, "save_steps", 0) or 0)
+    strategy = getattr(args, "save_strategy", "no")
+    if getattr(strategy, "value", strategy) != "steps" or every <= 0:
+        return []
+    return list(range(every, int(state.max_steps) + 1, every))
+
+
+def _pretrained_dir(model: torch.nn.Module) -> Path | None:
+    """The local directory the model was loaded from (the audit's model_digest_before), if any."""
+    name = getattr(getattr(_base(model), "config", None), "_name_or_path", "") or ""
+    path = Path(name)
+    return path if name and path.is_dir() and any(path.glob("*.safetensors")) else None

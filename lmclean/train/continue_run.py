@@ -1,0 +1,143 @@
+"""`lmclean record --store S --continue`: train a complete store on, from its current model.
+
+The store's current model (lmclean/audit/history.py: the latest unlearning's output, or the
+recorded final model) is where training goes on, with the optimizer state that belongs to it
+(the recorded final state plus the output's `optimizer_delta.safetensors`). The jump from the
+recorded θ[T] to it is recorded as a correction event at step T (lmclean/store/corrections.py), so
+the store still replays exactly; the store grows (lmclean/store/grow.py) and the new steps are
+trained by the built-in trainer's resume path, with every forgotten sample dropped from the planned
+batches (weights unchanged: fixed denominators). The order of the writes makes every crash point
+recoverable with `lmclean record --resume`: event, then growth, then training (docs/recorder.md).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmclean._faults import crash_point
+from lmclean.errors import ConfigError, StoreError, UnsupportedError
+from lmclean.store.reader import TrajectoryStore
+from lmclean.train.trainer import StartCallback, StepCallback, TrainResult, stored_config
+
+__all__ = ["continue_training", "continued_config"]
+
+
+def continued_config(config: dict[str, Any], old_steps: int, n_samples: int, epochs: int | None,
+                     steps: int | None) -> tuple[dict[str, Any], int]:
+    """The stored config with `epochs` more passes (or `steps` more steps), and the new step count.
+
+    Batch order of epoch e is seeded by (seed, e) alone (lmclean/train/data.py batch_plan), so the
+    longer plan starts with the recorded one: an epochs-config gains epochs, any other a step count."""
+    if (epochs is None) == (steps is None):
+        raise ConfigError("--continue needs exactly one of --epochs N or --steps N (how much longer to train)")
+    more = epochs if epochs is not None else steps
+    if more is None or more < 1:
+        raise ConfigError(f"--{'epochs' if epochs is not None else 'steps'} {more} must be >= 1 with --continue")
+    cfg = copy.deepcopy(config)
+    train = cfg.setdefault("train", {})
+    per_epoch = math.ceil(n_samples / int(train.get("batch_size") or 1))
+    if epochs is not None and train.get("steps") is None and old_steps == int(train.get("epochs") or 0) * per_epoch:
+        train["epochs"] = int(train["epochs"]) + epochs
+        return cfg, old_steps + epochs * per_epoch
+    total = old_steps + (epochs * per_epoch if epochs is not None else int(steps or 0))
+    train["steps"] = total
+    return cfg, total
+
+
+def continue_training(store: Path | str, *, epochs: int | None = None, steps: int | None = None,
+                      data: Path | None = None, on_step: StepCallback | None = None,
+                      on_start: StartCallback | None = None) -> tuple[TrainResult, dict[str, Any]]:
+    """Train the complete store at `store` on (see the module docstring), holding its lock; append
+    the audit "continue" record. Returns the training result and a summary of the jump."""
+    from lmclean.audit import AuditLog, finish_pending_scrub, record_event
+    from lmclean.audit.history import load_history
+    from lmclean.audit.publish import finish_pending_unlearn
+    from lmclean.device import deterministic, resolve_device
+    from lmclean.store.lock import StoreLock
+    from lmclean.train.trainer import _train
+
+    if data is not None:
+        raise UnsupportedError("--data with --continue is not supported yet; append the samples to the recorded "
+                               "data file's successor and record a new store")
+    store = Path(store)
+    TrajectoryStore(store)  # "no lmclean store at ..." first
+    began = time.perf_counter()
+    with StoreLock(store, "record --continue"):
+        AuditLog(store).require_intact()  # a forged record must not be trained on
+        finish_pending_unlearn(store)
+        finish_pending_scrub(store)
+        existing = TrajectoryStore(store)
+        if not existing.closed:
+            raise StoreError(f"store {store} is incomplete ({existing.committed_steps}/{existing.planned_steps} "
+                             f"steps); finish it with `lmclean record --store {store} --resume` first")
+        old_T = existing.committed_steps
+        history = load_history(store)
+        current, _ = history.require_current()
+        jump = _record_jump(existing, current, history)
+        cfg_dict, total = continued_config(existing.meta["config"], old_T, len(existing.sample_fingerprints),
+                                           epochs, steps)
+        dropped = sorted(set(existing.meta.get("dropped_ids", [])) | set(history.forgotten_ids))
+        from lmclean.store.grow import grow_store
+
+        grow_store(store, total, meta_updates={"config": cfg_dict, "dropped_ids": dropped})
+        crash_point("continue:after-grow")
+        cfg, base, excluded = stored_config(store)
+
+        def step_hook(t: int, n: int, loss: float, lr: float) -> None:
+            if t == old_T + 1:
+                crash_point("continue:mid-train")  # steps after the jump are being recorded
+            if on_step:
+                on_step(t, n, loss, lr)
+
+        with deterministic(resolve_device(cfg.train.device)):
+            result = _train(cfg, store, resume=True, exclude=excluded, base=base, on_step=step_hook,
+                            on_start=on_start)
+        if len(result.run.plan) != total:
+            raise StoreError(f"store {store}: the continued plan has {len(result.run.plan)} steps, expected {total}")
+        summary = {"from_step": old_T, "steps": total, "model_before": str(current), "dropped_ids": dropped, **jump}
+        record_event(store, "continue", cfg, result.steps, result.model_dir, time.perf_counter() - began,
+                     start_step=old_T, excluded_ids=excluded, model_before_dir=current,
+                     extra={"continue": summary})
+    return result, summary
+
+
+def _record_jump(store: TrajectoryStore, current: Path, history: Any) -> dict[str, Any]:
+    """Record the correction event θ[T] → current model at step T (none when they are equal)."""
+    from lmclean.adapters import load_for_store
+    from lmclean.params import flat_params
+    from lmclean.train.recorder import Recorder
+    from lmclean.unlearn.service import load_optimizer_delta
+
+    T = store.committed_steps
+    theta_T, state_T = store.theta_at(T)  # after any event already at T (a continue re-run after a crash)
+    model = load_for_store(store, current)
+    store.manifest.check_model(model, f"model {current}")
+    theta_hat = flat_params(model, store.manifest).detach().float().cpu()
+    head = history.current
+    from_output = head is not None and head.kind == "unlearn" and Path(current) != store.model_dir
+    state_delta = (load_optimizer_delta(current) or {}) if from_output else {}
+    names = set(store.rule.state_names())
+    state_delta = {k: v.float() for k, v in state_delta.items() if k in names}
+    if "exp_avg_sq" in state_delta:  # a linearised δs may undershoot 0 where s is tiny: Adam's √s needs s >= 0
+        s = state_T["exp_avg_sq"]
+        state_delta["exp_avg_sq"] = (s + state_delta["exp_avg_sq"]).clamp(min=0) - s
+    delta = theta_hat - theta_T
+    info: dict[str, Any] = {"correction": None, "delta_norm": float(torch.linalg.vector_norm(delta)),
+                            "optimizer_delta": sorted(state_delta)}
+    if not bool(torch.any(delta != 0)) and not any(bool(torch.any(v != 0)) for v in state_delta.values()):
+        return info  # training goes on from the recorded θ[T]: no jump to record
+    rec = Recorder.reopen(store.path, T)
+    try:
+        rec.correct(T, delta, state_delta, request_id=head.request_id if head else None,
+                    method=head.method if head else None)
+    finally:
+        rec.writer.close()
+    info["correction"] = {"step": T, "request_id": head.request_id if head else None,
+                          "method": head.method if head else None}
+    return info
