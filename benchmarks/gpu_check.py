@@ -104,7 +104,7 @@ def unlearn(args: argparse.Namespace, store: Path, method: str, forget: list[int
     if args.device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    seconds, _, info = run_unlearn(store, forget, method, work, args.via, args.device)
+    seconds, _, info = run_unlearn(store, forget, method, work, args.via, args.device, keep_output=False)
     peak = torch.cuda.max_memory_allocated() if args.device == "cuda" else 0
     return {"wall_s": seconds, "swept_steps": max(1, info["window"][1] - info["window"][0]), "peak_bytes": peak,
             "products": info["products"]}

@@ -195,9 +195,9 @@ def options_for(method: str, device: str = "cpu") -> Any:
                           propagation=PropagationSettings(operator=OperatorSettings(hvp="ggn")))
 
 
-def run_unlearn(store: Path, forget: list[int], method: str, work: Path, via: str,
-                device: str = "cpu") -> tuple[float, torch.Tensor, dict[str, Any]]:
-    """(seconds, θ̂, {steps_touched, products, window}) of one request.
+def run_unlearn(store: Path, forget: list[int], method: str, work: Path, via: str, device: str = "cpu",
+                keep_output: bool = True) -> tuple[float, torch.Tensor | None, dict[str, Any]]:
+    """(seconds, θ̂ (None without `keep_output`), {steps_touched, products, window}) of one request.
 
     via "service": `lmclean.unlearn.service.unlearn` (what `lmclean unlearn ... --keep-data` runs:
     checks, sweep, model written, audit record), on a copy of the store (a store refuses a second
@@ -215,7 +215,7 @@ def run_unlearn(store: Path, forget: list[int], method: str, work: Path, via: st
         traj = open_trajectory(st, device)
         result = run_method(traj, ForgetSet(set(forget)), options, None)
         seconds = time.perf_counter() - start
-        theta_hat = st.checkpoint(st.committed_steps)[0] + result.delta.float().cpu()
+        theta_hat = st.checkpoint(st.committed_steps)[0] + result.delta.float().cpu() if keep_output else None
         return seconds, theta_hat, {"steps_touched": result.steps_touched, "products": result.products,
                                     "window": list(result.window)}
     out = work / f"{store.stem}-{method}-out"
@@ -228,8 +228,11 @@ def run_unlearn(store: Path, forget: list[int], method: str, work: Path, via: st
         seconds = time.perf_counter() - start
     finally:
         shutil.rmtree(copy)
-    return seconds, theta_of(st, out), {"steps_touched": report["steps_touched"],
-                                        "products": report["curvature_products"], "window": report["window"]}
+    theta_hat = theta_of(st, out) if keep_output else None
+    if not keep_output:
+        shutil.rmtree(out)
+    return seconds, theta_hat, {"steps_touched": report["steps_touched"],
+                                "products": report["curvature_products"], "window": report["window"]}
 
 
 def theta_of(store: Any, model_dir: Path) -> torch.Tensor:

@@ -135,6 +135,10 @@ def enqueue(store: Path | str, *, ids: str | None = None, data: Path | None = No
         raise DataError("nothing to forget: pass --forget IDS (3,5,60-79 or @file) or --forget-data FILE.jsonl")
     ts = TrajectoryStore(store)  # "no lmclean store at ..." first
     resolved = resolve_forget(ts, ForgetSpec(ids=ids, data=data))
+    never = sorted(set(resolved.sample_ids) & {int(i) for i in ts.meta.get("excluded_ids", [])})
+    if never:
+        raise DataError(f"sample {never[0]} was excluded from store {ts.path}'s run (--exclude): it was never trained on; "
+                        "nothing to do")
     refuse_forgotten(load_history(ts.path), resolved.sample_ids)
     check_not_tombstoned(ts.path, list(resolved.sample_ids))
     source = " ".join(s for s in (f"--forget {ids}" if ids else "", f"--forget-data {data}" if data else "") if s)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -194,4 +195,162 @@ def test_adamw_store_continues_after_lmcleaner_with_both_moment_deltas(tmp_path:
     s = TrajectoryStore(store)
     theta, state = s.theta_at(s.corrections[0].step)
     assert bool((state["exp_avg_sq"] >= 0).all()) and bool(torch.isfinite(_final(store)).all())
+    assert check_store(store).ok
+
+
+# -- record --continue --data: more samples ---------------------------------------------------------------------
+
+MORE_IDS = list(range(200, 208))
+
+
+def _more(path: Path, ids: list[int] = MORE_IDS) -> Path:
+    import json
+
+    rows = [{"id": i, "question": f"What is thing {i}?", "answer": f"Thing {i} is a {['cup', 'box', 'kite'][i % 3]}."}
+            for i in ids]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _segmented_cfg(data: Path, steps: int):
+    """The config `record --continue --data` leaves: the recorded one with the total step count."""
+    return tiny_config(data, **{"train.epochs": N, "train.steps": steps, "train.schedule": "constant",
+                                "train.momentum": 0.9})
+
+
+def _assert_same_store(a_path: Path, b_path: Path) -> None:
+    """Every step row, checkpoint and the final model bitwise equal."""
+    a, b = TrajectoryStore(a_path), TrajectoryStore(b_path)
+    assert a.closed and b.closed and a.committed_steps == b.committed_steps
+    for t in range(a.committed_steps):
+        ra, rb = a.step(t), b.step(t)
+        assert (ra.sample_ids == rb.sample_ids).all() and (ra.weights == rb.weights).all() and ra.lr == rb.lr, t
+        assert (ra.tokens == rb.tokens).all() and torch.equal(a.grad(t), b.grad(t)), t
+    assert torch.equal(_final(a_path), _final(b_path))
+    ma, mb = _model(a_path / "model"), _model(b_path / "model")
+    assert ma.keys() == mb.keys() and all(torch.equal(ma[k], mb[k]) for k in mb)
+
+
+def test_continue_with_data_trains_on_the_union_like_the_segmented_run(recorded: tuple[Path, Path], store: Path,
+                                                                       tmp_path: Path) -> None:
+    more = _more(tmp_path / "more.jsonl")
+    result, summary = continue_training(store, epochs=M, data=more)
+    assert result.start_step == 8 and result.steps == 14  # one epoch of the 24-sample union: 6 steps
+    assert summary["data"] == {"path": str(more.absolute()), "first_step": 8, "samples": 8}
+    s = TrajectoryStore(store)
+    assert [(g["first_step"], g["samples"]) for g in s.meta["data_segments"]] == [(0, 16), (8, 8)]
+    assert list(s.sample_fingerprints) == [*range(100, 116), *MORE_IDS]  # appended, old rows unchanged
+    later = [i for t in range(8, 14) for i in s.step(t).sample_ids.tolist()]
+    assert sorted(later) == [*range(100, 116), *MORE_IDS]  # the epoch after the continue permutes the union
+    assert all(not set(MORE_IDS) & set(s.step(t).sample_ids.tolist()) for t in range(8))
+    assert sorted(p.name for p in store.iterdir() if p.name.startswith(".samples")) == []
+    # the same plan recorded from scratch: the first data file, then the second from step 8
+    ref = train(_segmented_cfg(recorded[1], 14), tmp_path / "ref.zarr", more=[(str(more), 8)]).store
+    assert TrajectoryStore(ref).meta["data_segments"] == s.meta["data_segments"]
+    _assert_same_store(store, ref)
+    assert check_store(store).ok
+    assert load_history(store).current.kind == "continue" and verify_store(store, store / "model")["ok"]
+
+
+def test_segmented_plan_keeps_the_old_plan_as_prefix() -> None:
+    from lmclean.train.data import batch_plan, segmented_plan
+
+    old, new = list(range(10)), list(range(10)) + [50, 51, 52]
+    for first in (5, 6, 7):  # 10 ids in batches of 4: 3 steps an epoch; 6 is an epoch boundary, 5 and 7 are not
+        plan = segmented_plan([(old, 0), (new, first)], 4, 7, first + 8, True)
+        assert plan[:first] == batch_plan(old, 4, 7, None, first, True)
+        assert len(plan) == first + 8 and {50, 51, 52} <= {i for b in plan[first:] for i in b}
+        epoch0 = -(-first // 3)  # epochs begun before the segment (one cut short): the index of its first
+        perm = np.random.default_rng([7, epoch0]).permutation(13)
+        assert plan[first] == [new[k] for k in perm[:4]]
+    assert segmented_plan([(old, 0)], 4, 7, 9, True) == batch_plan(old, 4, 7, None, 9, True)
+
+
+def test_continue_with_data_after_unlearning_keeps_tombstones_and_unlearns_new_samples(
+        recorded: tuple[Path, Path], store: Path, tmp_path: Path) -> None:
+    from lmclean.store.scrub import tombstones
+
+    more = _more(tmp_path / "more.jsonl")
+    unlearn(store, ForgetSpec(ids="103"), UnlearnOptions(method="replay"), OutputSpec(out=tmp_path / "u1"))
+    before = tombstones(store)
+    continue_training(store, epochs=M, data=more)
+    assert tombstones(store) == before and set(before) == {103}  # the grown table keeps them, new rows live
+    s = TrajectoryStore(store)
+    assert all(103 not in s.step(t).sample_ids.tolist() for t in range(8, 14))
+    unlearn(store, ForgetSpec(ids="203"), UnlearnOptions(method="replay"), OutputSpec(out=tmp_path / "u2"))
+    assert set(tombstones(store)) == {103, 203}
+    ref = train(_segmented_cfg(recorded[1], 14), tmp_path / "ref.zarr", more=[(str(more), 8)],
+                exclude=[103, 203]).store
+    flat = lambda d: torch.cat([d[k].reshape(-1) for k in sorted(d)])  # noqa: E731
+    got, want = flat(_model(tmp_path / "u2")), flat(_model(ref / "model"))
+    print("replay of a new sample vs exclude", _rel(got, want))
+    assert _rel(got, want) < REL
+    assert check_store(store).ok and verify_store(store, tmp_path / "u2")["ok"]
+
+
+@pytest.mark.parametrize("point", ["grow:after-stage", "grow:before-samples-switch", "grow:between-samples-renames",
+                                   "grow:after-samples-switch", "continue:mid-train"])
+def test_kill_during_continue_with_data_then_recover_gives_the_same_model(recorded: tuple[Path, Path], store: Path,
+                                                                          tmp_path: Path, point: str) -> None:
+    more = _more(tmp_path / "more.jsonl")
+    twin = tmp_path / "twin.zarr"
+    shutil.copytree(store, twin)
+    continue_training(twin, epochs=M, data=more)
+    env = {**os.environ, "LMCLEAN_CRASH_AT": point, "OMP_NUM_THREADS": "1"}
+    if point == "grow:between-samples-renames":
+        env["LMCLEAN_NO_RENAME_EXCHANGE"] = "1"  # the two-rename switch (file systems without an exchange)
+    code = ("import sys, torch; torch.set_num_threads(1); from lmclean.train.continue_run import continue_training; "
+            f"continue_training({str(store)!r}, epochs={M}, data=__import__('pathlib').Path({str(more)!r}))")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=Path(__file__).parent, capture_output=True,
+                          timeout=300)
+    assert proc.returncode == 86, proc.stderr.decode()[-2000:]
+    if point == "grow:after-stage":  # before the growth's first write: the store is as it was, the continue reruns
+        assert TrajectoryStore(store).closed and (store / ".samples-grown").is_dir()
+        continue_training(store, epochs=M, data=more)
+    else:
+        killed = TrajectoryStore(store)
+        assert not killed.closed and killed.planned_steps == 14
+        if point == "continue:mid-train":  # every data file's fingerprints are checked
+            good = more.read_bytes()
+            _more(more, [*MORE_IDS[:-1], 299])
+            cfg, base, excluded = stored_config(store)
+            with pytest.raises(Exception, match="more.jsonl differs from the recorded data set"):
+                train(cfg, store, exclude=excluded, base=base, resume=True)
+            more.write_bytes(good)
+        cfg, base, excluded = stored_config(store)
+        train(cfg, store, exclude=excluded, base=base, resume=True)
+    assert not [p for p in store.iterdir() if p.name.startswith(".samples")]
+    _assert_same_store(store, twin)
+    assert check_store(store).ok and verify_store(store, store / "model")["ok"]
+
+
+def test_continue_with_colliding_or_missing_data_is_refused(store: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from conftest import error_line
+    from lmclean.cli.main import app
+    from lmclean.errors import DataError
+
+    bad = _more(tmp_path / "bad.jsonl", [200, 201, 110, 111])
+    with pytest.raises(DataError, match=r"sample id 110 is already recorded"):
+        continue_training(store, epochs=M, data=bad)
+    s = TrajectoryStore(store)
+    assert s.closed and s.planned_steps == 8 and s.corrections == [] and "data_segments" not in s.meta
+    assert not [p for p in store.iterdir() if p.name.startswith(".samples")]
+    runner = CliRunner()
+    line = error_line(runner.invoke(app, ["record", "--store", str(store), "--continue", "--epochs", "1",
+                                          "--data", str(bad)]))
+    assert "sample id 110 is already recorded" in line
+    assert "does not exist" in error_line(runner.invoke(app, ["record", "--store", str(store), "--continue", "--steps",
+                                                              "2", "--data", str(tmp_path / "nope.jsonl")]))
+    done = runner.invoke(app, ["record", "--store", str(store), "--continue", "--steps", "3", "--json", "--data",
+                               str(_more(tmp_path / "ok.jsonl"))])
+    assert done.exit_code == 0, done.output
+    import json
+
+    assert json.loads(done.stdout)["data"]["samples"] == 8 and TrajectoryStore(store).committed_steps == 11
+    # the union's ids are used now: a second data file may not reuse them either
+    assert "sample id 203 is already recorded" in error_line(runner.invoke(
+        app, ["record", "--store", str(store), "--continue", "--steps", "1", "--data",
+              str(_more(tmp_path / "again.jsonl", [300, 203]))]))
     assert check_store(store).ok

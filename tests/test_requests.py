@@ -36,13 +36,29 @@ def _final(store: Path) -> torch.Tensor:
     return s.checkpoint(s.committed_steps)[0]
 
 
+def _assert_scrubbed(store: Path, ids: set[int]) -> None:
+    """Every recorded token row of `ids` is zeros (a resumed run re-records rows before the request)."""
+    s = TrajectoryStore(store)
+    seen = s.occurrences(ids)
+    assert seen
+    for t in seen:
+        rec = s.step(t)
+        rows = [k for k, i in enumerate(rec.sample_ids) if int(i) in ids]
+        assert not rec.tokens[rows].any(), f"step {t} still holds tokens of {ids}"
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
 # -- the queue -----------------------------------------------------------------------------------
 
-def test_queue_round_trip_list_and_refusals(store_copy: Path, tmp_path: Path) -> None:
+def test_queue_round_trip_list_and_refusals(store_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from rich.console import Console
+
+    import lmclean.cli.request as request_cmd
+
+    monkeypatch.setattr(request_cmd, "out", Console(width=160, highlight=False))  # the table, whatever the terminal
     done = runner.invoke(app, ["request", str(store_copy), "--forget", "101,103", "--reason", "GDPR art. 17",
                                "--requested-by", "dpo@example.org", "--json"])
     assert done.exit_code == 0, done.output
@@ -56,7 +72,7 @@ def test_queue_round_trip_list_and_refusals(store_copy: Path, tmp_path: Path) ->
     assert second.ids == [104] and second.id != first["id"]
     listed = json.loads(runner.invoke(app, ["request", str(store_copy), "--list", "--json"]).stdout)
     assert [r["id"] for r in listed] == [first["id"], second.id] and {r["status"] for r in listed} == {"pending"}
-    table = runner.invoke(app, ["request", str(store_copy), "--list"], env={"COLUMNS": "250"})
+    table = runner.invoke(app, ["request", str(store_copy), "--list"])
     assert table.exit_code == 0 and first["id"] in table.stdout and "pending" in table.stdout
     assert "999" in error_line(runner.invoke(app, ["request", str(store_copy), "--forget", "999"]))
     assert "nothing to forget" in error_line(runner.invoke(app, ["request", str(store_copy)]))
@@ -117,6 +133,7 @@ def _online(store: Path, data: Path, method: str) -> torch.Tensor:
     (req,) = list_requests(store)
     assert req.status == "applied" and req.step == AT + 1 and req.method == method and req.wait_seconds > 0
     assert set(tombstones(store)) == set(FORGET)
+    _assert_scrubbed(store, set(FORGET))
     (record,) = [r for r in AuditLog(store).records() if r.get("kind") == "online-unlearn"]
     assert record["forget_ids"] == FORGET and record["step"] == AT + 1 and record["request_id"] == req.audit_request_id
     return _final(store)
@@ -135,6 +152,22 @@ def test_request_while_recording_with_lmcleaner_halves_the_do_nothing_residual(r
     theta = _online(runs["tmp"] / "lmcleaner.zarr", runs["data"], "lmcleaner")
     ratio = float((theta - runs["exclude"]).norm() / (runs["none"] - runs["exclude"]).norm())
     assert ratio <= 0.5, ratio  # measured 0.39
+
+
+def test_request_queued_while_no_job_runs_is_applied_when_the_run_resumes(runs: dict) -> None:
+    store = runs["tmp"] / "interrupted.zarr"
+
+    def stop(t: int, total: int, loss: float, lr: float) -> None:
+        if t == 9:
+            raise KeyboardInterrupt  # Ctrl-C: the store stays resumable from checkpoint 8
+
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(runs["data"], "replay"), store, on_step=stop)
+    req = enqueue(store, ids=",".join(map(str, FORGET)))
+    train(_cfg(runs["data"], "replay"), store, resume=True)
+    (got,) = list_requests(store)
+    assert got.id == req.id and got.status == "applied" and got.step == 8  # the first boundary of the resumed run
+    assert _rel(_final(store), runs["exclude"]) < 1e-6
 
 
 # -- kill -9 while a request is applied, then `record --resume` ------------------------------------
@@ -224,6 +257,7 @@ def test_kill_while_applying_a_request_then_resume_gives_the_same_model(crash_re
     assert len(online) == 1 and online[0]["request_id"] == req.audit_request_id
     assert online[0]["recovered"] == (point == "request:after-correct")  # the audit record written on resume
     assert set(tombstones(store)) == {101, 105}
+    _assert_scrubbed(store, {101, 105})
     assert [e.step for e in TrajectoryStore(store).corrections] == [at + 1]
     report = check_store(store)
     assert report.ok, report.first

@@ -134,6 +134,10 @@ def load_history(store: Path | str, records: list[dict[str, Any]] | None = None)
             if rec.get("output_model_digest"):
                 chain = [ChainLink(seq, kind, None, None, rec.get("output_path"), rec["output_model_digest"])]
             continue
+        if kind == "online-unlearn":  # applied inside a recording run: forgotten, but no model of the chain
+            for i in rec.get("forget_ids") or []:
+                forgotten_ids.setdefault(int(i), seq)
+            continue
         if kind != "unlearn":
             continue
         ids = tuple(int(i) for i in rec.get("forget_ids") or [])

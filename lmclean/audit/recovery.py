@@ -43,7 +43,7 @@ def finish_pending_scrub(store_dir: Path | str) -> list[ScrubResult]:
         raise AuditError(f"{exc}; cannot tell whether a scrub is pending (run `lmclean audit verify {store}`)") from exc
     dead = tombstones(store)
     for rec in records:
-        if rec.get("kind") != "unlearn" or rec.get("keep_data") is not False:
+        if rec.get("kind") not in ("unlearn", "online-unlearn") or rec.get("keep_data") is not False:
             continue
         missing = [int(i) for i in rec.get("forget_ids") or [] if int(i) not in dead]
         if missing and isinstance(rec.get("seq"), int):

@@ -74,7 +74,7 @@ def _check_scrub(store: Path, records: list[dict[str, Any]], report: dict[str, A
                 f"(scrub_pending.json); the next `lmclean unlearn` or `record --resume` on it completes it")
     by_seq = {r.get("seq"): r for r in records}
     for r in records:
-        if r.get("kind") != "unlearn" or r.get("keep_data") is not False:
+        if r.get("kind") not in ("unlearn", "online-unlearn") or r.get("keep_data") is not False:
             continue
         missing = [int(i) for i in r.get("forget_ids") or [] if int(i) not in dead]
         if missing:
@@ -84,7 +84,7 @@ def _check_scrub(store: Path, records: list[dict[str, Any]], report: dict[str, A
                     "the next `lmclean unlearn` on this store completes an interrupted scrub")
     for i, seq in sorted(dead.items()):
         r = by_seq.get(seq)
-        if r is None or r.get("kind") != "unlearn" or i not in (r.get("forget_ids") or []):
+        if r is None or r.get("kind") not in ("unlearn", "online-unlearn") or i not in (r.get("forget_ids") or []):
             return (f"sample {i} is tombstoned by audit record {seq}, but that record "
                     f"{'does not exist' if r is None else 'does not list it as forgotten'}")
     return None

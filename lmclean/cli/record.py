@@ -29,7 +29,7 @@ def record(
     continue_: Annotated[bool, typer.Option("--continue", help="Train a complete store on from its current model (the latest unlearned one): needs --epochs or --steps.")] = False,
     epochs: Annotated[Optional[int], typer.Option("--epochs", help="With --continue: this many more epochs.", show_default=False)] = None,
     steps: Annotated[Optional[int], typer.Option("--steps", help="With --continue: this many more steps.", show_default=False)] = None,
-    data: Annotated[Optional[Path], typer.Option("--data", help="With --continue: more samples (JSON Lines; not supported yet).", show_default=False)] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", help="With --continue: more samples (JSON Lines, read with the store's data config; new ids): later epochs shuffle old and new samples together.", show_default=False)] = None,
     device: Annotated[Optional[str], typer.Option("--device", callback=device_spec, help=f"Where to train (sets `train.device`; default: the config's, auto): {DEVICE_HELP}", show_default=False)] = None,
 ) -> None:
     """Train (or fine-tune) a Hugging Face causal LM and record its trajectory.

@@ -1,4 +1,4 @@
-"""`lmclean record --store S --continue --epochs N | --steps N`: train a complete store on."""
+"""`lmclean record --store S --continue --epochs N | --steps N [--data MORE.jsonl]`: train a complete store on."""
 
 from __future__ import annotations
 
@@ -36,11 +36,13 @@ def run_continue(store: Path, *, continue_: bool, epochs: int | None, steps: int
                "wall_seconds": round(time.perf_counter() - started, 2),
                "model_dir": str(result.model_dir) if result.model_dir else None,
                "started_from_model": jump["model_before"], "correction": jump["correction"],
-               "dropped_ids": jump["dropped_ids"]}
+               "dropped_ids": jump["dropped_ids"], "data": jump["data"]}
     if json_out:
         print_json(summary)
         return
     how = (f"after the correction of {jump['correction']['method']} request {jump['correction']['request_id']}"
            if jump["correction"] else "from the recorded final model")
+    if jump["data"]:
+        how += f", with {jump['data']['samples']} new samples from {jump['data']['path']}"
     err.print(f"[green]continued[/] {store} from step {result.start_step} to {result.steps} {how}, final loss "
               f"{result.final_loss:.4f}; model saved to {summary['model_dir']}")

@@ -62,13 +62,15 @@ def _render(store: Path, reqs: list[Any]) -> None:
         err.print(f"no requests in {store}")
         return
     table = Table(title=f"requests of {store}", title_justify="left")
-    for name in ("id", "status", "samples", "created", "applied", "step", "method", "wait s", "audit", "note"):
+    table.add_column("id", no_wrap=True, min_width=max(len(r.id) for r in reqs))  # the handle users copy: whole
+    for name in ("status", "samples", "queued (UTC)", "applied", "wait s", "note"):
         table.add_column(name, overflow="fold")
     colour = {"pending": "yellow", "applied": "green", "refused": "red"}
     for r in reqs:
-        audit = f"{r.audit_seq} ({r.audit_request_id})" if r.audit_seq is not None else ""
-        note = r.error or r.reason or ""
+        where = f" step {r.step}" if r.step is not None else ""
+        applied = f"{(r.applied_at or '')[11:19]}{where} {r.method or ''}".strip() if r.status == "applied" else ""
+        audit = f"audit {r.audit_seq}" if r.audit_seq is not None else ""
+        note = "; ".join(x for x in (r.error, r.reason, audit) if x)
         table.add_row(r.id, f"[{colour[r.status]}]{r.status}[/]", escape(_ids(r.ids)), r.created[:19].replace("T", " "),
-                      (r.applied_at or "")[:19].replace("T", " "), "" if r.step is None else str(r.step), r.method or "",
-                      "" if r.wait_seconds is None else f"{r.wait_seconds:.1f}", escape(audit), escape(note))
+                      escape(applied), "" if r.wait_seconds is None else f"{r.wait_seconds:.1f}", escape(note))
     out.print(table)

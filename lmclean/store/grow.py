@@ -7,6 +7,10 @@ its new planned_steps, checkpoint_plan and config. Each zarr.json is replaced at
 first COMMIT.json says "not closed" (a complete run not yet marked closed: `record --resume`
 closes it), then the arrays grow (rows past planned_steps are invisible), then the metadata
 changes in one write (from then on `record --resume` trains the new steps).
+
+With new samples (`record --continue --data`) the grown samples table is staged before the first
+of these writes and switched in after the metadata write, which lists the new data segment
+(lmclean/store/append.py); the metadata write stays the one commit point.
 """
 
 from __future__ import annotations
@@ -15,8 +19,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from lmclean._faults import crash_point
 from lmclean.errors import StoreError
 from lmclean.store import format as fmt
+from lmclean.store.append import expected_samples, finish_pending_growth, stage_samples
 from lmclean.store.atomic import atomic_write_json
 from lmclean.store.reader import TrajectoryStore
 
@@ -36,9 +44,13 @@ def _rewrite_json(path: Path, change: Any) -> None:
     atomic_write_json(path, data)
 
 
-def grow_store(path: Path | str, new_T: int, *, meta_updates: dict[str, Any] | None = None) -> list[int]:
+def grow_store(path: Path | str, new_T: int, *, meta_updates: dict[str, Any] | None = None,
+               samples: tuple[np.ndarray, np.ndarray] | None = None) -> list[int]:
     """Grow the closed store at `path` to `new_T` planned steps (the caller holds its lock);
-    `meta_updates` (e.g. the new config) land in the same metadata write. Returns the new plan."""
+    `meta_updates` (e.g. the new config) land in the same metadata write, and must then list the
+    data segments (`data_segments`) that count the grown table when `samples` = (ids (n,), sha256
+    fingerprints (n, 32) uint8) are appended. Returns the new plan."""
+    finish_pending_growth(path)  # a staging group left by an earlier interrupted growth
     store = TrajectoryStore(path)
     old_T, marker = store.planned_steps, store.commit_state()
     if new_T <= old_T:
@@ -48,6 +60,12 @@ def grow_store(path: Path | str, new_T: int, *, meta_updates: dict[str, Any] | N
                          f"with `lmclean record --store {store.path} --resume` first")
     plan = grown_plan([int(s) for s in store.meta["checkpoint_plan"]], old_T,
                       new_T, int(store.meta["checkpoint_every"]))
+    if samples is not None:
+        rows = stage_samples(store.path, *samples)
+        if rows != expected_samples({**store.meta, **(meta_updates or {})}):
+            raise StoreError(f"store {store.path}: the data segments of the growth do not count the {rows} samples "
+                             "of the grown table")
+        crash_point("grow:after-stage")
     opened = {k: v for k, v in {**marker, "closed": False}.items() if k != "corrections" or v}
     atomic_write_json(store.path / fmt.COMMIT_FILE, opened)
     for name, arr in store.root["steps"].arrays():
@@ -61,6 +79,8 @@ def grow_store(path: Path | str, new_T: int, *, meta_updates: dict[str, Any] | N
         meta.update(planned_steps=new_T, checkpoint_plan=plan)
 
     _rewrite_json(store.path / "zarr.json", update)
+    if samples is not None:
+        finish_pending_growth(store.path)
     return plan
 
 

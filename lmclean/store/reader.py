@@ -53,6 +53,11 @@ class TrajectoryStore:
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         if not (self.path / "zarr.json").exists():
+            from lmclean.store.swap import intent_path
+
+            if intent_path(self.path).is_file():
+                raise InputNotFoundError(f"no lmclean store at {self.path}: an interrupted `lmclean reconcile` is swapping "
+                                         f"it in; run `lmclean reconcile {self.path}` to finish")
             raise InputNotFoundError(f"no lmclean store at {self.path}; create one with `lmclean record --store {self.path}`")
         try:
             self.root = zarr.open_group(str(self.path), mode="r")

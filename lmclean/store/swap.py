@@ -7,20 +7,25 @@ its audit record in place) before anything here runs. Then:
 1. N gets a copy of the old lock file, byte for byte: the lock moves with the store, and the
    holder's `StoreLock.release()` (which removes the file only if its bytes are its own) releases it
    at STORE after the swap;
-2. the intent file ``.STORE.reconcile.json`` beside the store names STORE, N and O (atomic write):
-   the commit point; from here on the swap is rolled forward;
-3. STORE is renamed to O = ``.STORE.old-<pid>``; 4. N is renamed to STORE;
-5. request files queued into O meanwhile (`lmclean request` needs no lock) move to STORE;
-6. the intent is removed; 7. O is removed.
+2. the intent file ``.STORE.reconcile.json`` beside the store names STORE, N, O and N's inode
+   (atomic write): the commit point; from here on the swap is rolled forward;
+3. STORE and N are exchanged in one atomic step (Linux renameat2 RENAME_EXCHANGE: STORE is never
+   missing, and the old store then sits at N's name); where the file system cannot, STORE is renamed
+   to O = ``.STORE.old-<pid>`` and then N to STORE;
+4. request files queued into the old store meanwhile (`lmclean request` needs no lock) move over;
+5. the intent is removed; 6. the old store is removed.
 
 A crash before 2 leaves the old store as it was and N as garbage (`remove_leftovers` deletes it under
-the lock). A crash after 2 is finished by `finish_pending_swap` (renames 3 and 4 as still needed);
-between 3 and 4 no STORE exists, so every command on STORE must call it before opening the store.
+the lock). A crash after 2 is finished by `finish_pending_swap`, which tells the new store from the
+old by the inode in the intent. Only the two-rename fallback has a moment without STORE: a command
+that finds no store there must call `finish_pending_swap` first (`lmclean reconcile` does).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import json
 import os
 import shutil
@@ -35,6 +40,7 @@ from lmclean.store.lock import LOCK_FILENAME
 
 __all__ = ["SwapIntent", "build_path", "finish_pending_swap", "intent_path", "remove_leftovers", "swap_in"]
 
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2  # <fcntl.h>, <linux/fs.h>
 REQUESTS_DIR = "requests"  # lmclean/requests.py: queued deletion requests, written without the lock
 
 
@@ -58,10 +64,11 @@ class SwapIntent:
     old: Path
     pid: int
     host: str
+    ino: tuple[int, int]  # (st_dev, st_ino) of the new store: a rename keeps it, so it tells which is which
 
     def write(self) -> None:
         body = {"version": 1, "store": str(self.store), "new": str(self.new), "old": str(self.old),
-                "pid": self.pid, "host": self.host}
+                "pid": self.pid, "host": self.host, "ino": list(self.ino)}
         atomic_write_bytes(intent_path(self.store), (json.dumps(body, indent=1) + "\n").encode())
 
     @classmethod
@@ -69,7 +76,9 @@ class SwapIntent:
         path = intent_path(store)
         try:
             body = json.loads(path.read_text())
-            return cls(Path(body["store"]), Path(body["new"]), Path(body["old"]), int(body["pid"]), str(body["host"]))
+            dev, ino = (int(x) for x in body["ino"])
+            return cls(Path(body["store"]), Path(body["new"]), Path(body["old"]), int(body["pid"]), str(body["host"]),
+                       (dev, ino))
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -92,7 +101,7 @@ class SwapIntent:
 
 
 def swap_in(store: Path, new: Path) -> None:
-    """Steps 1-7 of the module docstring; the caller holds the lock of `store`."""
+    """Steps 1-6 of the module docstring; the caller holds the lock of `store`."""
     lock = (store / LOCK_FILENAME).read_bytes()
     fd = os.open(new / LOCK_FILENAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
@@ -102,30 +111,90 @@ def swap_in(store: Path, new: Path) -> None:
         os.close(fd)
     fsync_dir(new)
     intent = SwapIntent(store.absolute(), new.absolute(), _old_path(store.absolute(), os.getpid()), os.getpid(),
-                        socket.gethostname())
+                        socket.gethostname(), _ino(new))
     intent.write()
     crash_point("reconcile:after-intent")
-    _finish(intent)
+    done = _finish(intent)
+    if done.startswith("rolled back"):  # we hold the lock: nobody can have written the old store
+        raise StoreError(f"store {store}: {done}")
 
 
-def _finish(intent: SwapIntent) -> None:
+def _ino(path: Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def _is_new(path: Path, intent: SwapIntent) -> bool:
+    try:
+        return _ino(path) == intent.ino and (path / "zarr.json").is_file()
+    except FileNotFoundError:
+        return False
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Exchange two directories atomically (Linux renameat2 RENAME_EXCHANGE): STORE is never
+    missing. False where the system or file system does not support it (then: two renames)."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(a))
+
+
+def _log_moved_on(store: Path, new: Path) -> bool:
+    """Whether the old store's audit log gained a record after the new store copied it (a writer that
+    did not finish the swap first, e.g. an unlearning after a crash): the new store would lose it."""
+    from lmclean.audit.log import AUDIT_FILENAME
+
+    try:
+        before = (store / AUDIT_FILENAME).read_bytes()
+    except FileNotFoundError:
+        before = b""
+    try:
+        after = (new / AUDIT_FILENAME).read_bytes()
+    except FileNotFoundError:
+        return bool(before)
+    return not after.startswith(before) or after[len(before):].count(b"\n") != 1  # + the reconcile record
+
+
+def _finish(intent: SwapIntent) -> str:
+    """Roll the swap forward from wherever it stopped (each step is idempotent given the intent), or
+    back when the old store was written to after the commit point."""
     store, new, old = intent.store, intent.new, intent.old
-    if new.is_dir():
-        if store.exists():
+    if not _is_new(store, intent):
+        if not _is_new(new, intent):
+            raise StoreError(f"{intent_path(store)} says a reconciled store {new} replaces {store}, but neither is it; "
+                             f"restore the store from a backup (the old one may still be at {old} or {new})")
+        if store.exists() and _log_moved_on(store, new):
+            shutil.rmtree(new, ignore_errors=True)
+            intent_path(store).unlink()
+            fsync_dir(store.parent)
+            return "rolled back an interrupted reconcile: the store was written to since; reconcile it again"
+        if not store.exists():  # the two-rename path stopped between its renames
+            os.rename(new, store)
+        elif not _exchange(store, new):  # after an exchange the old store waits at `new`
             os.rename(store, old)
             fsync_dir(store.parent)
             crash_point("reconcile:between-renames")
-        os.rename(new, store)
+            os.rename(new, store)
         fsync_dir(store.parent)
         crash_point("reconcile:after-swap")
-    elif not (store / "zarr.json").is_file():
-        raise StoreError(f"{intent_path(store)} says a reconciled store {new} replaces {store}, but neither exists; "
-                         f"restore the store from a backup (the old one may still be at {old})")
-    _move_requests(old, store)
+    for leftover in (new, old):  # the old store, under whichever name the swap left it
+        if leftover.is_dir() and not _is_new(leftover, intent):
+            _move_requests(leftover, store)
     with contextlib.suppress(FileNotFoundError):
         intent_path(store).unlink()
     fsync_dir(store.parent)
-    shutil.rmtree(old, ignore_errors=True)
+    for leftover in (new, old):
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+    return "completed an interrupted reconcile: the reconciled store is in place"
 
 
 def _move_requests(old: Path, store: Path) -> None:
@@ -150,8 +219,7 @@ def finish_pending_swap(store: Path | str) -> str | None:
         return None
     if Path(intent.store) != store.absolute():
         raise StoreError(f"{intent_path(store)} names store {intent.store}, not {store.absolute()}; it was moved by hand")
-    _finish(intent)
-    return f"completed an interrupted reconcile of {store}: the reconciled store is in place"
+    return f"{store}: {_finish(intent)}"
 
 
 def remove_leftovers(store: Path) -> list[Path]:

@@ -25,6 +25,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -171,6 +172,14 @@ class BlockArray(ChunkFiles):
             self.write_chunk(self.block, self.buf, pending)
 
 
+@dataclass
+class _Barrier:
+    """A queue item: the writer commits what came before it, runs `action`, and sets `done`."""
+
+    done: threading.Event
+    action: Callable[[], None] | None = None
+
+
 def create_layout(path: Path, meta: dict[str, Any], P: int, T: int, B: int, L: int, K: int,
                   state_names: list[str], sample_ids: np.ndarray, fingerprints: np.ndarray) -> None:
     """Create every array of a new store (no chunks yet: unwritten rows read as fill sentinels)."""
@@ -278,6 +287,26 @@ class StoreWriter:
         self._raise_if_failed()
         self._queue.put(item)
 
+    def flush(self, then: Callable[[], None] | None = None) -> None:
+        """Block until everything queued so far is written and committed (then run `then` on the
+        writer thread, which is idle until the caller queues again); re-raise a write error.
+        An online request reads the store up to the live step between two training steps."""
+        barrier = _Barrier(threading.Event(), then)
+        self.put(barrier)  # type: ignore[arg-type]
+        barrier.done.wait()
+        self._raise_if_failed()
+
+    def reload_tokens(self) -> None:
+        """Re-read the in-memory block of token rows from disk after a scrub rewrote it: the block is
+        rewritten whole at the next commit and must not write forgotten tokens back."""
+        def reload() -> None:
+            block = self._tokens
+            data = block.read_chunk(block.block)
+            if data is not None:
+                block.buf[...] = data
+
+        self.flush(then=reload)
+
     def close(self) -> None:
         """Flush the queue, commit, stop the thread, and re-raise any write error."""
         self._stopping.set()
@@ -306,6 +335,9 @@ class StoreWriter:
                 item = self._queue.get()
                 if item is None:
                     return
+                if isinstance(item, _Barrier):
+                    self._barrier(item)
+                    continue
                 try:
                     if self._error is not None:
                         continue  # drain so the producer never blocks forever
@@ -336,6 +368,18 @@ class StoreWriter:
             for arr in (*self._rows.values(), *self._blocks.values(), self._tokens, *self._ck.values()):
                 arr.close()
             self.cpu_seconds = time.thread_time() - cpu0
+
+    def _barrier(self, item: "_Barrier") -> None:
+        try:
+            if self._error is None:
+                self._write_staged()
+                self._commit()
+                if item.action is not None:
+                    item.action()
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the training thread
+            self._error = exc
+        finally:
+            item.done.set()
 
     def _write_checkpoint(self, row: CheckpointRow) -> None:
         c, pending = self._ck, DirSync()

@@ -8,6 +8,12 @@ the store still replays exactly; the store grows (lmclean/store/grow.py) and the
 trained by the built-in trainer's resume path, with every forgotten sample dropped from the planned
 batches (weights unchanged: fixed denominators). The order of the writes makes every crash point
 recoverable with `lmclean record --resume`: event, then growth, then training (docs/recorder.md).
+
+With `data` (more samples, JSON Lines read with the store's data config), the samples are appended
+to the store's samples table as the store grows (lmclean/store/append.py), the metadata's
+`data_segments` list every data file with the step it is first trained at, and the new steps draw
+from the union (lmclean/train/data.py segmented_plan: from the continue on, each epoch permutes the
+old and new samples together). An id the store already holds is refused before anything is written.
 """
 
 from __future__ import annotations
@@ -15,13 +21,14 @@ from __future__ import annotations
 import copy
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from lmclean._faults import crash_point
-from lmclean.errors import ConfigError, StoreError, UnsupportedError
+from lmclean.errors import ConfigError, DataError, InputNotFoundError, StoreError
 from lmclean.store.reader import TrajectoryStore
 from lmclean.train.trainer import StartCallback, StepCallback, TrainResult, stored_config
 
@@ -29,11 +36,12 @@ __all__ = ["continue_training", "continued_config"]
 
 
 def continued_config(config: dict[str, Any], old_steps: int, n_samples: int, epochs: int | None,
-                     steps: int | None) -> tuple[dict[str, Any], int]:
+                     steps: int | None, new_data: bool = False) -> tuple[dict[str, Any], int]:
     """The stored config with `epochs` more passes (or `steps` more steps), and the new step count.
 
     Batch order of epoch e is seeded by (seed, e) alone (lmclean/train/data.py batch_plan), so the
-    longer plan starts with the recorded one: an epochs-config gains epochs, any other a step count."""
+    longer plan starts with the recorded one: an epochs-config gains epochs, any other a step count
+    (as does every continue with `new_data`: its epochs, over `n_samples`, start at the continue)."""
     if (epochs is None) == (steps is None):
         raise ConfigError("--continue needs exactly one of --epochs N or --steps N (how much longer to train)")
     more = epochs if epochs is not None else steps
@@ -42,7 +50,8 @@ def continued_config(config: dict[str, Any], old_steps: int, n_samples: int, epo
     cfg = copy.deepcopy(config)
     train = cfg.setdefault("train", {})
     per_epoch = math.ceil(n_samples / int(train.get("batch_size") or 1))
-    if epochs is not None and train.get("steps") is None and old_steps == int(train.get("epochs") or 0) * per_epoch:
+    whole_epochs = train.get("steps") is None and old_steps == int(train.get("epochs") or 0) * per_epoch
+    if epochs is not None and not new_data and whole_epochs:
         train["epochs"] = int(train["epochs"]) + epochs
         return cfg, old_steps + epochs * per_epoch
     total = old_steps + (epochs * per_epoch if epochs is not None else int(steps or 0))
@@ -59,17 +68,19 @@ def continue_training(store: Path | str, *, epochs: int | None = None, steps: in
     from lmclean.audit.history import load_history
     from lmclean.audit.publish import finish_pending_unlearn
     from lmclean.device import deterministic, resolve_device
+    from lmclean.store.append import finish_pending_growth
     from lmclean.store.lock import StoreLock
     from lmclean.train.trainer import _train
 
-    if data is not None:
-        raise UnsupportedError("--data with --continue is not supported yet; append the samples to the recorded "
-                               "data file's successor and record a new store")
     store = Path(store)
     TrajectoryStore(store)  # "no lmclean store at ..." first
     began = time.perf_counter()
+    from lmclean.store.swap import finish_pending_swap
+
+    finish_pending_swap(store)  # a reconcile interrupted after its commit point
     with StoreLock(store, "record --continue"):
         AuditLog(store).require_intact()  # a forged record must not be trained on
+        finish_pending_growth(store)  # first: an interrupted growth may have left no samples table
         finish_pending_unlearn(store)
         finish_pending_scrub(store)
         existing = TrajectoryStore(store)
@@ -77,15 +88,20 @@ def continue_training(store: Path | str, *, epochs: int | None = None, steps: in
             raise StoreError(f"store {store} is incomplete ({existing.committed_steps}/{existing.planned_steps} "
                              f"steps); finish it with `lmclean record --store {store} --resume` first")
         old_T = existing.committed_steps
+        added = _new_samples(existing, Path(data), old_T) if data is not None else None  # refusals first
         history = load_history(store)
         current, _ = history.require_current()
         jump = _record_jump(existing, current, history)
-        cfg_dict, total = continued_config(existing.meta["config"], old_T, len(existing.sample_fingerprints),
-                                           epochs, steps)
+        n_samples = len(existing.sample_fingerprints) + (len(added["ids"]) if added else 0)
+        cfg_dict, total = continued_config(existing.meta["config"], old_T, n_samples, epochs, steps, added is not None)
         dropped = sorted(set(existing.meta.get("dropped_ids", [])) | set(history.forgotten_ids))
         from lmclean.store.grow import grow_store
 
-        grow_store(store, total, meta_updates={"config": cfg_dict, "dropped_ids": dropped})
+        updates: dict[str, Any] = {"config": cfg_dict, "dropped_ids": dropped}
+        if added is not None:
+            updates["data_segments"] = added["segments"]
+        grow_store(store, total, meta_updates=updates,
+                   samples=(added["ids"], added["fingerprints"]) if added is not None else None)
         crash_point("continue:after-grow")
         cfg, base, excluded = stored_config(store)
 
@@ -100,11 +116,37 @@ def continue_training(store: Path | str, *, epochs: int | None = None, steps: in
                             on_start=on_start)
         if len(result.run.plan) != total:
             raise StoreError(f"store {store}: the continued plan has {len(result.run.plan)} steps, expected {total}")
-        summary = {"from_step": old_T, "steps": total, "model_before": str(current), "dropped_ids": dropped, **jump}
+        summary = {"from_step": old_T, "steps": total, "model_before": str(current), "dropped_ids": dropped, **jump,
+                   "data": None if added is None else {"path": added["segments"][-1]["path"], "first_step": old_T,
+                                                       "samples": len(added["ids"])}}
         record_event(store, "continue", cfg, result.steps, result.model_dir, time.perf_counter() - began,
                      start_step=old_T, excluded_ids=excluded, model_before_dir=current,
                      extra={"continue": summary})
     return result, summary
+
+
+def _new_samples(store: TrajectoryStore, data: Path, first_step: int) -> dict[str, Any]:
+    """The samples of `data` read as the store's data config reads its data file: ids (n,) int64,
+    fingerprints (n, 32) uint8 and the grown `data_segments`. DataError for an id already recorded."""
+    import numpy as np
+
+    from lmclean.train.data import load_dataset, load_tokenizer, resolve_path
+
+    if not data.is_file():
+        raise InputNotFoundError(f"--data {data} does not exist; pass a JSON Lines file of new samples")
+    cfg, base, _ = stored_config(store.path)
+    dataset = load_dataset(replace(cfg.data, path=str(data.absolute())), load_tokenizer(cfg.tokenizer))
+    recorded = store.sample_fingerprints
+    clash = next((s.id for s in dataset.samples if s.id in recorded), None)
+    if clash is not None:
+        raise DataError(f"{data}: sample id {clash} is already recorded in store {store.path}; give the new samples "
+                        "ids the store has not used (forgotten ones stay used)")
+    segments = list(store.meta.get("data_segments") or [
+        {"path": str(resolve_path(cfg.data.path, base).absolute()), "first_step": 0, "samples": len(recorded)}])
+    segments.append({"path": str(dataset.path), "first_step": first_step, "samples": len(dataset.samples)})
+    return {"ids": np.asarray(dataset.ids, dtype=np.int64),
+            "fingerprints": np.asarray([list(bytes.fromhex(s.fingerprint)) for s in dataset.samples], dtype=np.uint8),
+            "segments": segments}
 
 
 def _record_jump(store: TrajectoryStore, current: Path, history: Any) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import hashlib
 import json
 import string
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from lmclean.config import DataConfig
-from lmclean.errors import DataError, InputNotFoundError
+from lmclean.errors import ConfigError, DataError, InputNotFoundError
 
 MAX_SAMPLE_ID = 2**63 - 1  # sample ids are stored as int64
 MAX_SPEC_IDS = 1_000_000  # ids one --forget/--exclude spec may name (a typo like 0-10**12 must not exhaust memory)
@@ -124,6 +124,10 @@ class Dataset:
     path: Path
     samples: list[Sample]
     truncated: int = 0  # samples longer than max_length, cut to it (reported, kept in the store's metadata)
+    # data files appended by `record --continue --data` (lmclean/train/data.py load_segments): the
+    # segments (path, first step) after the first; `samples` holds the union, old samples first
+    more: list[tuple[Path, int]] = field(default_factory=list)
+    counts: list[int] = field(default_factory=list)  # samples per file (the first, then `more`)
 
     def __post_init__(self) -> None:
         self.by_id = {s.id: s for s in self.samples}
@@ -131,6 +135,26 @@ class Dataset:
     @property
     def ids(self) -> list[int]:
         return [s.id for s in self.samples]
+
+    def path_of(self, sample_id: int) -> str:
+        """The data file holding `sample_id` (all of them when none does): for error messages."""
+        paths = [self.path, *(p for p, _ in self.more)]
+        pos = next((k for k, s in enumerate(self.samples) if s.id == sample_id), None)
+        if pos is None or not self.counts:
+            return ", ".join(map(str, paths))
+        return str(paths[int(np.searchsorted(np.cumsum(self.counts), pos, side="right"))])
+
+    def plan(self, batch_size: int, seed: int, epochs: int | None, steps: int | None, shuffle: bool) -> list[list[int]]:
+        """The batch plan: `batch_plan` over the one data file, `segmented_plan` over several."""
+        if not self.more:
+            return batch_plan(self.ids, batch_size, seed, epochs, steps, shuffle)
+        if steps is None:
+            raise ConfigError(f"training on more data files than {self.path} needs `train.steps` (the total step "
+                              "count; `record --continue --data` sets it)")
+        ends = np.cumsum(self.counts).tolist()
+        firsts = [0, *(first for _, first in self.more)]
+        segments = [(self.ids[:end], first) for end, first in zip(ends, firsts)]
+        return segmented_plan(segments, batch_size, seed, steps, shuffle)
 
 
 def load_dataset(cfg: DataConfig, tokenizer: Any, base: Path | None = None) -> Dataset:
@@ -149,6 +173,42 @@ def load_dataset(cfg: DataConfig, tokenizer: Any, base: Path | None = None) -> D
         truncated += len(ids) > cfg.max_length
         samples.append(Sample(sid, text, ids[: cfg.max_length]))
     return Dataset(path, samples, truncated)
+
+
+def load_segments(cfg: DataConfig, tokenizer: Any, base: Path | None, more: list[tuple[str, int]]) -> Dataset:
+    """The data of `data.path` followed by each more data file (path, first step it is trained at):
+    one Dataset whose samples are the union, in file order. An id that two files share is refused
+    (DataError naming the first such id and both files): a sample id names one sample for good."""
+    first = load_dataset(cfg, tokenizer, base)
+    if not more:
+        return first
+    samples, owner = list(first.samples), {s.id: first.path for s in first.samples}
+    truncated, parts, counts = first.truncated, [], [len(first.samples)]
+    for raw, step in more:
+        part = load_dataset(replace(cfg, path=str(raw)), tokenizer, base)
+        clash = next((s.id for s in part.samples if s.id in owner), None)
+        if clash is not None:
+            raise DataError(f"{part.path}: sample id {clash} is already used by {owner[clash]}; give the new samples "
+                            "ids no earlier data file uses")
+        owner.update((s.id, part.path) for s in part.samples)
+        samples += part.samples
+        truncated += part.truncated
+        parts.append((part.path, int(step)))
+        counts.append(len(part.samples))
+    return Dataset(first.path, samples, truncated, parts, counts)
+
+
+def segments_meta(dataset: Dataset) -> list[dict[str, Any]]:
+    """meta["data_segments"] of a store trained on more than one data file ([] for one file)."""
+    if not dataset.more:
+        return []
+    firsts = [(dataset.path, 0), *dataset.more]
+    return [{"path": str(p), "first_step": int(f), "samples": int(n)} for (p, f), n in zip(firsts, dataset.counts)]
+
+
+def more_data(meta: dict[str, Any]) -> list[tuple[str, int]]:
+    """The data files after the first (path, first step) that a store's metadata lists."""
+    return [(str(s["path"]), int(s["first_step"])) for s in (meta.get("data_segments") or [])[1:]]
 
 
 def resolve_path(raw: str, base: Path | None) -> Path:
@@ -184,6 +244,34 @@ def batch_plan(ids: Sequence[int], batch_size: int, seed: int, epochs: int | Non
                 return plan
             plan.append([int(x) for x in order_ids[perm[start : start + batch_size]]])
         epoch += 1
+    return plan
+
+
+def segmented_plan(segments: Sequence[tuple[Sequence[int], int]], batch_size: int, seed: int, steps: int,
+                   shuffle: bool) -> list[list[int]]:
+    """The batch plan of a run whose data grew: `segments` are (the ids available, first step), the
+    first at step 0, each later one holding the earlier ids followed by the added ones.
+
+    Epochs are numbered over the whole run. Segment k runs from its first step to the next
+    segment's (or `steps`), epoch after epoch, epoch e ordered by `default_rng([seed, e])` over the
+    segment's ids (as in `batch_plan`); a segment starts a new epoch, cutting short the epoch in
+    progress. So the plan up to a segment's first step is the plan recorded before the data grew,
+    and one segment alone is `batch_plan` with `steps`."""
+    plan: list[list[int]] = []
+    epoch = 0
+    for k, (ids, first) in enumerate(segments):
+        if first != len(plan) or not len(ids):
+            raise DataError(f"data segment {k} starts at step {first} with {len(ids)} samples; segments start where "
+                            f"the previous one stops ({len(plan)}) and hold samples")
+        stop = segments[k + 1][1] if k + 1 < len(segments) else steps
+        order_ids, n = np.asarray(ids), len(ids)
+        while len(plan) < stop:
+            perm = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+            for start in range(0, len(perm), batch_size):
+                if len(plan) >= stop:
+                    break
+                plan.append([int(x) for x in order_ids[perm[start : start + batch_size]]])
+            epoch += 1
     return plan
 
 

@@ -17,7 +17,6 @@ claimed for, so the final model equals the run that was never killed.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +50,7 @@ class _Due:
 class OnlineRequests:
     """The request hook of the built-in trainer (see the module docstring)."""
 
-    def __init__(self, cfg: LmcleanConfig, store: Path, prior: list[tuple[CorrectionEvent, Jump]]) -> None:
+    def __init__(self, cfg: LmcleanConfig, store: Path, prior: list[tuple[CorrectionEvent, Jump | None]]) -> None:
         self.cfg, self.store, self.prior = cfg, Path(store), prior
         self.poller = RequestPoller(self.store)
         self.recorder: Any = None
@@ -67,12 +66,14 @@ class OnlineRequests:
         those past the restart checkpoint, which this run re-applies at their steps)."""
         if store is None:
             return None
-        prior: list[tuple[CorrectionEvent, Jump]] = []
+        prior: list[tuple[CorrectionEvent, Jump | None]] = []
         if resume and (Path(store) / "zarr.json").exists():
             from lmclean.store.reader import TrajectoryStore
 
             ts = TrajectoryStore(store)
-            prior = [(e, ts.correction(e)) for e in ts.corrections]
+            # the checkpoint the reopen restarts from (trainer._reopen): events up to it stay listed and in θ
+            restart = ts.nearest_checkpoint(ts.committed_steps) if ts.checkpoint_steps else 0
+            prior = [(e, ts.correction(e) if e.step > restart else None) for e in ts.corrections]
         return cls(cfg, Path(store), prior)
 
     def bind(self, recorder: Any, excluded: set[int], start: int) -> None:
@@ -104,6 +105,9 @@ class OnlineRequests:
         audited = self._audited()
         dues: list[_Due] = []
         for event, jump in self.prior:
+            if event.step > self.start and jump is None:
+                raise StoreError(f"store {self.store}: correction {event.index} at step {event.step} is past the restart "
+                                 f"step {self.start} but was not read before the reopen")
             dues.append(_Due(max(event.step, self.start), event.request_id, jump if event.step > self.start else None,
                              event))
         by_rid = {d.audit_request_id: d for d in dues if d.audit_request_id}
@@ -121,9 +125,8 @@ class OnlineRequests:
     def _redo(self, t: int, due: _Due, theta: torch.Tensor, state: dict[str, torch.Tensor]) -> None:
         if due.jump is not None and due.event is not None:
             dtheta, dstate = due.jump
-            index = self.recorder._next_correction
-            self.recorder.correct(t, dtheta, dstate, request_id=due.event.request_id, method=due.event.method,
-                                  theta=theta, opt_state=state)
+            index = self.recorder.correct(t, dtheta, dstate, request_id=due.event.request_id,
+                                          method=due.event.method, theta=theta, opt_state=state)
             apply_correction(theta, state, dtheta, dstate)
             self._await_event(index, t)
         if due.requests:
@@ -157,8 +160,7 @@ class OnlineRequests:
         if result is not None and _nonzero(result.delta, result.state_delta):
             dtheta = result.delta.detach().float().cpu()
             dstate = {k: v.detach().float().cpu() for k, v in result.state_delta.items()}
-            index = self.recorder._next_correction
-            self.recorder.correct(t, dtheta, dstate, request_id=rid, method=method, theta=theta, opt_state=state)
+            index = self.recorder.correct(t, dtheta, dstate, request_id=rid, method=method, theta=theta, opt_state=state)
             apply_correction(theta, state, dtheta, dstate)
             self._await_event(index, t)
         crash_point("request:after-correct")
@@ -267,57 +269,22 @@ class OnlineRequests:
 
     # -- the writer ---------------------------------------------------------------------------
     def _sync_writer(self, t: int) -> None:
-        """Every step < t committed, the writer thread idle (the training thread queues nothing
-        while this runs). Uses StoreWriter.flush() where it exists; else waits for the drained
-        queue and the writer's idle wait, then commits from this thread."""
+        """Every step < t committed and the writer idle (the training thread queues nothing while a
+        request is applied)."""
         if self._synced == t:
             return
         self._synced = t
-        writer = self.recorder.writer
-        flush = getattr(writer, "flush", None)
-        if callable(flush):
-            flush()
-            return
-        deadline = time.monotonic() + 600
-        while writer.committed_steps < t or not writer._queue.empty():
-            writer._raise_if_failed()
-            if time.monotonic() > deadline:
-                raise StoreError(f"store {self.store}: the writer did not reach step {t} within 600 s")
-            time.sleep(0.002)
-        time.sleep(max(0.1, 4 * writer.batch_wait))  # past its post-item work, into the idle wait
-        writer._raise_if_failed()
-        writer.commit_now()
+        self.recorder.writer.flush()
 
     def _await_event(self, index: int, t: int) -> None:
-        """Until COMMIT.json lists event `index` (the writer commits an event at once, after every
-        step queued before it): the writer is then idle and steps < t are committed."""
-        writer = self.recorder.writer
-        deadline = time.monotonic() + 600
-        while True:
-            writer._raise_if_failed()
-            try:
-                listed = json.loads((self.store / "COMMIT.json").read_text()).get("corrections") or []
-            except (OSError, ValueError):
-                listed = []
-            if any(e.get("index") == index for e in listed):
-                self._synced = t
-                return
-            if time.monotonic() > deadline:
-                raise StoreError(f"store {self.store}: correction {index} (step {t}) was not committed within 600 s")
-            time.sleep(0.002)
+        """Until event `index` is committed (listed in COMMIT.json) with every step before it."""
+        self.recorder.writer.flush()
+        self._synced = t
 
     def _reload_token_block(self) -> None:
-        """The writer keeps the current block of token rows in memory and rewrites it whole: after a
-        scrub it must hold the scrubbed rows, or the next flush would write the tokens back."""
-        writer = self.recorder.writer
-        reload = getattr(writer, "reload_tokens", None)
-        if callable(reload):
-            reload()
-            return
-        block = writer._tokens
-        data = block.read_chunk(block.block)
-        if data is not None:
-            block.buf[...] = data
+        """After a scrub the writer's in-memory token block must hold the scrubbed rows, or the next
+        commit would write the tokens back."""
+        self.recorder.writer.reload_tokens()
 
 
 def _nonzero(delta: torch.Tensor, state_delta: dict[str, torch.Tensor]) -> bool:

@@ -133,8 +133,8 @@ class Recorder:
 
     def correct(self, step: int, delta: torch.Tensor, state_delta: dict[str, torch.Tensor] | None = None,
                 request_id: str | None = None, method: str | None = None, *, theta: torch.Tensor | None = None,
-                opt_state: dict[str, torch.Tensor] | None = None) -> None:
-        """Record a correction event: the run's θ jumps by `delta` (P,) and each optimizer buffer by
+                opt_state: dict[str, torch.Tensor] | None = None) -> int:
+        """Record a correction event (returns its index): the run's θ jumps by `delta` (P,) and each optimizer buffer by
         its `state_delta` right before step `step`'s gradient is computed (call before
         `record_step(step)`; the caller applies the jump with lmclean.store.corrections.apply_correction,
         the same arithmetic replay uses). The event is listed in COMMIT.json once its arrays are on
@@ -159,6 +159,7 @@ class Recorder:
         self.writer.put(CorrectionRow(self._next_correction, int(step), host(delta),
                                       {k: host(v) for k, v in (state_delta or {}).items()}, request_id, method))
         self._next_correction += 1
+        return self._next_correction - 1
 
     def record_step(self, step: int, *, lr: float, loss: float, sample_ids: list[int] | np.ndarray,
                     weights: list[float] | np.ndarray | torch.Tensor, input_ids: torch.Tensor,

@@ -21,7 +21,7 @@ from lmclean.device import deterministic, float_dtype_on, resolve_device
 from lmclean.errors import ConfigError, DataError, StoreError
 from lmclean.objective import CausalLMObjective
 from lmclean.store.reader import TrajectoryStore
-from lmclean.train.data import Dataset, batch_plan, collate, load_dataset, load_tokenizer
+from lmclean.train.data import Dataset, collate, load_segments, load_tokenizer, more_data, segments_meta
 from lmclean.params import ParamManifest, bind_flat, flat_grads, flat_params
 from lmclean.adapters import describe_for_store, ensure_base, save_output
 from lmclean.train.model import fresh_model, load_model
@@ -58,9 +58,10 @@ class Run:
     plan: list[list[int]]
 
 
-def prepare(cfg: LmcleanConfig, base: Path | None = None) -> Run:
+def prepare(cfg: LmcleanConfig, base: Path | None = None, more: list[tuple[str, int]] | None = None) -> Run:
+    """`more`: data files added later (path, first step; `record --continue --data`)."""
     tokenizer = load_tokenizer(cfg.tokenizer)
-    dataset = load_dataset(cfg.data, tokenizer, base)
+    dataset = load_segments(cfg.data, tokenizer, base, more or [])
     if cfg.model.path:
         torch.manual_seed(cfg.seed)
         model = load_model(cfg.model.path)
@@ -72,7 +73,7 @@ def prepare(cfg: LmcleanConfig, base: Path | None = None) -> Run:
         model = wrap_lora(model, cfg.model.lora, seed=cfg.seed)
     model.train()
     t = cfg.train
-    plan = batch_plan(dataset.ids, t.batch_size, cfg.seed, t.epochs, t.steps, t.shuffle)
+    plan = dataset.plan(t.batch_size, cfg.seed, t.epochs, t.steps, t.shuffle)
     return Run(cfg, tokenizer, dataset, model, ParamManifest.from_model(model), plan)
 
 
@@ -100,18 +101,24 @@ class _NullRecorder:
 
 def train(cfg: LmcleanConfig, store: Path | None, *, exclude: list[int] | None = None, resume: bool = False,
           overwrite: bool = False, base: Path | None = None, on_step: StepCallback | None = None,
-          save_final: bool = True, on_start: StartCallback | None = None) -> TrainResult:
+          save_final: bool = True, on_start: StartCallback | None = None,
+          more: list[tuple[str, int]] | None = None) -> TrainResult:
     """Train and record into `store` (None: train only), holding the store lock, and append the
-    run to the store's audit log ("record" or "resume")."""
+    run to the store's audit log ("record" or "resume"). `more`: data files added at later steps
+    (path, first step), as `record --continue --data` leaves them (a resume reads them from the store)."""
     from lmclean.audit import finish_pending_scrub, record_event
+    from lmclean.store.append import finish_pending_growth
     from lmclean.store.lock import StoreLock
 
     kwargs = dict(exclude=exclude, overwrite=overwrite, base=base, on_step=on_step, save_final=save_final,
-                  on_start=on_start)
+                  on_start=on_start, more=more)
     if store is None:
         with deterministic(resolve_device(cfg.train.device)):  # CUDA: the kernels replay will run
             return _train(cfg, None, resume=False, **kwargs)
     store = Path(store)
+    from lmclean.store.swap import finish_pending_swap
+
+    finish_pending_swap(store)  # a reconcile interrupted after its commit point
     holder: list[StoreLock] = []
     if (store / "zarr.json").exists() and (resume or overwrite):
         # Take the lock before touching the store, and keep it: --overwrite clears the store in place
@@ -124,6 +131,7 @@ def train(cfg: LmcleanConfig, store: Path | None, *, exclude: list[int] | None =
                 from lmclean.audit.publish import finish_pending_unlearn
 
                 AuditLog(store).require_intact()  # first: a forged record must not be scrubbed or resumed over
+                finish_pending_growth(store)  # first: the samples table an interrupted `--continue --data` grew
                 finish_pending_unlearn(store)
                 finish_pending_scrub(store)
             except BaseException:
@@ -153,8 +161,11 @@ def train(cfg: LmcleanConfig, store: Path | None, *, exclude: list[int] | None =
 
 def _train(cfg: LmcleanConfig, store: Path | None, *, exclude: list[int] | None = None, resume: bool = False,
            overwrite: bool = False, base: Path | None = None, on_step: StepCallback | None = None,
-           save_final: bool = True, on_start: StartCallback | None = None) -> TrainResult:
-    run = prepare(cfg, base)
+           save_final: bool = True, on_start: StartCallback | None = None,
+           more: list[tuple[str, int]] | None = None) -> TrainResult:
+    if resume and store is not None and more is None:  # the data files a `record --continue --data` added
+        more = more_data(TrajectoryStore(store).meta)
+    run = prepare(cfg, base, more)
     excluded = set(exclude or [])
     unknown = sorted(excluded - set(run.dataset.by_id))
     if unknown:
@@ -186,7 +197,8 @@ def _train(cfg: LmcleanConfig, store: Path | None, *, exclude: list[int] | None 
             pad_id=run.tokenizer.pad_token_id or 0, excluded_ids=sorted(excluded), overwrite=overwrite,
             queue_size=cfg.record.queue_size, extra={"data_path": str(run.dataset.path), "seed": cfg.seed,
                    "truncated_samples": run.dataset.truncated, "model": model_meta,
-                   "device": str(device), "autocast": autocast})
+                   "device": str(device), "autocast": autocast,
+                   **({"data_segments": segments_meta(run.dataset)} if run.dataset.more else {})})
     loss_value = float("nan")
     try:
         if on_start:
@@ -278,7 +290,7 @@ def _reopen(store: Path, cfg: LmcleanConfig, excluded: list[int], theta: torch.T
     current = {s.id: s.fingerprint for s in run.dataset.samples}
     if recorded != current:
         changed = sorted(i for i in set(recorded) | set(current) if recorded.get(i) != current.get(i))
-        raise DataError(f"--resume: the data in {run.dataset.path} differs from the recorded data set "
+        raise DataError(f"--resume: the data in {run.dataset.path_of(changed[0])} differs from the recorded data set "
                         f"({len(changed)} samples differ, first id {changed[0]}); restore the data or use --overwrite")
     if existing.closed:
         raise StoreError(f"store {store} is already complete ({existing.committed_steps} steps); nothing to resume")

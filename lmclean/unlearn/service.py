@@ -228,7 +228,10 @@ def unlearn(store_path: Path | str, spec: ForgetSpec, options: UnlearnOptions, o
     from lmclean.store.scrub import scrub_samples
     from lmclean.audit.publish import finish_pending_unlearn
 
+    from lmclean.store.swap import finish_pending_swap
+
     store_path = Path(store_path)
+    finish_pending_swap(store_path)  # a reconcile interrupted after its commit point
     TrajectoryStore(store_path)  # "no lmclean store at ..." before anything else
     with StoreLock(store_path, "unlearn"):
         log = AuditLog(store_path)
