@@ -146,8 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--length", type=int, default=None, help="tokens per row, at most (default 256; --tiny 24)")
     ap.add_argument("--vocab", type=int, default=384,
                     help="384: ByT5's bytes (default; with Llama 3's 128256 the full run's store outgrows a 64 GB disk)")
-    ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                    help="Trainer bf16 autocast (default: on with CUDA, off on CPU)")
+    ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
+                    help="TrainingArguments(bf16=True): bf16 autocast, fp32 master weights (default on; the CPU "
+                         "test runs it too)")
     ap.add_argument("--methods", default="ggn,replay")
     ap.add_argument("--via", choices=["service", "engine"], default="service",
                     help="service: lmclean.unlearn.service.unlearn on a copy of the store; engine: its sweep only")
@@ -163,7 +164,6 @@ def main(argv: list[str] | None = None) -> int:
     args.steps = args.steps or (4 if args.tiny else 30)
     args.full_steps = args.full_steps or (3 if args.tiny else 4)
     args.length = args.length or (24 if args.tiny else 256)
-    args.bf16 = (args.device == "cuda") if args.bf16 is None else args.bf16
     args.methods = [m for m in args.methods.split(",") if m]
     if args.device == "cpu":
         torch.set_num_threads(1)

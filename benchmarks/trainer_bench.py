@@ -354,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--authors", type=int, default=None, help="TOFU authors trained on (20 rows each; default 10)")
     ap.add_argument("--forget-author", type=int, default=None,
                     help="index of the author whose 20 rows are forgotten (default 3; --quick 1)")
-    ap.add_argument("--max-len", type=int, default=None, help="bytes per row (default 128; --quick 48)")
+    ap.add_argument("--max-len", type=int, default=None, help="bytes per row (default 96; --quick 48)")
     ap.add_argument("--lr-full", type=float, default=3e-4)
     ap.add_argument("--lr-lora", type=float, default=1e-3)
     ap.add_argument("--modes", default="full,lora")
@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     args.steps = args.steps or (4 if args.quick else 24)
     args.authors = args.authors or (2 if args.quick else 10)
-    args.max_len = args.max_len or (48 if args.quick else 128)
+    args.max_len = args.max_len or (48 if args.quick else 96)
     args.forget_author = (1 if args.quick else 3) if args.forget_author is None else args.forget_author
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not 0 <= args.forget_author < args.authors:

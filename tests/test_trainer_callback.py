@@ -219,6 +219,20 @@ def test_peft_adapter_run_is_recorded_exactly(tmp_path: Path) -> None:
         mine = flat_grad(traj.objective(t, rec.sample_ids.tolist()), store.manifest, theta) * rec.clip
         stored = store.grad(t)
         assert float(torch.linalg.vector_norm(mine - stored) / torch.linalg.vector_norm(stored)) < 1e-5
+    # replay without a sample = the Trainer's own LoRA run excluding it (same base, same adapter init)
+    from lmclean.unlearn import ForgetSet, replay
+
+    base2 = make_model()
+    torch.manual_seed(3)
+    model2 = peft.get_peft_model(base2, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                               lora_dropout=0.0))
+    excluded, _ = run(tmp_path, "lora_ex", model=model2, learning_rate=5e-2, num_train_epochs=1,
+                      cb_kwargs={"exclude": [104]})
+    reference = final_theta(excluded, store)
+    theta_hat = store.theta_at(store.committed_steps)[0] + replay(traj, ForgetSet({104})).delta
+    err = float(torch.linalg.vector_norm(theta_hat - reference))
+    effect = float(torch.linalg.vector_norm(final_theta(trainer, store) - reference))
+    assert err <= 1e-5 * float(torch.linalg.vector_norm(reference)) and err <= 1e-3 * effect, (err, effect)
 
 
 def test_refuses_unsupported_optimizer(tmp_path: Path) -> None:

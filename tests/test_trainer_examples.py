@@ -53,6 +53,7 @@ def test_gpu_check_tiny_on_cpu(tmp_path: Path) -> None:
     proc = _run("benchmarks/gpu_check.py", "--device", "cpu", "--tiny", "--out", out)
     assert "| lora |" in proc.stdout and "| full |" in proc.stdout
     report = json.loads(out.read_text())
+    assert report["bf16"] is True  # TrainingArguments(bf16=True), as on the GPU
     assert set(report["runs"]) == {"lora", "full"}
     for run in report["runs"].values():
         assert run["steps"] > 0 and run["params"] > 0

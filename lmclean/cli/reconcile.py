@@ -15,8 +15,9 @@ def reconcile(
     store: Annotated[Path, typer.Argument(help="Store directory written by `lmclean record`.")],
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
 ) -> None:
-    """Replay the run from the first step a forgotten sample touched, without every forgotten sample,
-    and swap the store for that run: gradients, checkpoints and STORE/model become exactly what
+    """Rewrite the store to exact retraining without every forgotten sample.
+
+    Replays the run from the first step a forgotten sample touched and swaps the store for that run: gradients, checkpoints and STORE/model become exactly what
     retraining without them records (`record --exclude`). The approximate current model it replaces
     is measured (residual ratio) and the audit log records it. Crash-safe: the old store stays valid
     until the new one is complete; the next `lmclean reconcile` finishes an interrupted swap."""
