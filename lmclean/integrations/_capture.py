@@ -17,7 +17,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lmclean.errors import DataError, UnsupportedError
+from lmclean.config import OnlineUnlearnConfig
+from lmclean.errors import ConfigError, DataError, StoreError, UnsupportedError
+from lmclean.params import ParamManifest
 
 IGNORE = -100  # the Trainer's (and PyTorch's) ignore_index for labels
 
@@ -202,6 +204,46 @@ class GradNorms:
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+
+
+def online_settings(unlearn: dict[str, Any] | None) -> OnlineUnlearnConfig:
+    """`unlearn={"method": ..., "K": ..., "hvp": ...}` as the config's `record.unlearn`."""
+    known = {"method", "K", "hvp"}
+    extra = sorted(set(unlearn or {}) - known)
+    if extra:
+        raise ConfigError(f"LMCleanCallback(unlearn=...) has unknown key {extra[0]!r}; use method, K, hvp")
+    cfg = OnlineUnlearnConfig(**(unlearn or {}))
+    allowed = {"method": ("lmcleaner", "replay", "rollback", "none"),
+               "hvp": ("ggn", "exact", "kfac", "ekfac", "diag", "lowrank", "fisher")}
+    for key, values in allowed.items():
+        if getattr(cfg, key) not in values:
+            raise ConfigError(f"LMCleanCallback(unlearn=...): {key}={getattr(cfg, key)!r} is not one of {', '.join(values)}")
+    if cfg.K is not None and (not isinstance(cfg.K, int) or cfg.K < 0):
+        raise ConfigError(f"LMCleanCallback(unlearn=...): K={cfg.K!r} must be an integer >= 0")
+    return cfg
+
+
+def write_back(model: torch.nn.Module, optimizer: Any, manifest: ParamManifest, theta: Tensor, opt_state: dict[str, Tensor],
+               before: Tensor, before_state: dict[str, Tensor], t: int) -> None:
+    """Copy a corrected flat θ and optimizer state (what changed from `before`) into the parameters
+    and `optimizer.state[p][name]` in place, keeping their dtype and device."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        if not torch.equal(theta, before):
+            for name, view in manifest.views(theta).items():
+                params[name].copy_(view)
+        for key, flat in opt_state.items():
+            if torch.equal(flat, before_state[key]):
+                continue
+            for e in manifest.entries:
+                part = flat[e.offset : e.offset + e.numel]
+                buf = optimizer.state.get(params[e.name], {}).get(key)
+                if buf is None:
+                    if torch.equal(part, before_state[key][e.offset : e.offset + e.numel]):
+                        continue
+                    raise StoreError(f"LMCleanCallback: step {t}: optimizer buffer {key!r} of {e.name} does not "
+                                     "exist yet, so the correction cannot be applied to it")
+                buf.copy_(part.view_as(buf))
 
 
 def active_dropout(model: torch.nn.Module) -> str | None:

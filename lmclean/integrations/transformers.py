@@ -10,6 +10,9 @@ gradient and θ[t] is not yet updated. The batch, the sample ids and the Trainer
 from a wrapper around `model.forward` (it also hides the id column from the model); the pre-clip
 norm from gradient hooks. `exclude=[ids]` trains the same run with those samples dropped from
 their micro-batches and the loss denominator kept: the exact-retraining reference.
+
+Deletion requests queued while it trains (`lmclean request`) are taken at the next step boundary
+(`on_step_begin`) by lmclean/train/online.py, as a running `lmclean record` takes them (`unlearn=`).
 """
 
 from __future__ import annotations
@@ -27,13 +30,15 @@ from transformers import TrainerCallback
 from lmclean.adapters import describe_for_store, ensure_base, save_output
 from lmclean.audit import AuditLog, finish_pending_scrub, record_event
 from lmclean.audit.publish import finish_pending_unlearn
+from lmclean.config import LmcleanConfig
 from lmclean.errors import ConfigError, DataError, StoreError, StoreExistsError, UnsupportedError
-from lmclean.integrations._capture import (ForwardCapture, GradNorms, active_dropout, scan_dataset, step_batch,
-                                           unsupported_optimizer)
+from lmclean.integrations._capture import (ForwardCapture, GradNorms, active_dropout, online_settings, scan_dataset,
+                                           step_batch, unsupported_optimizer, write_back)
 from lmclean.optim import rule_from_torch, rule_to_dict
 from lmclean.params import ParamManifest, flat_grads, flat_params
 from lmclean.store.lock import StoreLock
 from lmclean.store.reader import TrajectoryStore
+from lmclean.train.online import OnlineRequests
 from lmclean.train.recorder import Recorder, torch_optimizer_state
 
 logger = logging.getLogger(__name__)
@@ -53,9 +58,11 @@ class LMCleanCallback(TrainerCallback):
     def __init__(self, store: str | Path, *, id_column: str = "id", exclude: list[int] | None = None,
                  checkpoint_every: int = 50, max_length: int | None = None, overwrite: bool = False,
                  precision: str = "fp32", codec: str = "auto", save_model: bool = True,
-                 exact_update: bool = True) -> None:
+                 exact_update: bool = True, unlearn: dict[str, Any] | None = None) -> None:
         if checkpoint_every < 1:
             raise ConfigError(f"checkpoint_every={checkpoint_every} must be at least 1")
+        self.unlearn = online_settings(unlearn)
+        self._online: OnlineRequests | None = None
         self.path = Path(store)
         self.id_column, self.exclude = id_column, sorted({int(i) for i in exclude or []})
         self.checkpoint_every, self.max_length, self.overwrite = checkpoint_every, max_length, overwrite
@@ -91,6 +98,11 @@ class LMCleanCallback(TrainerCallback):
         self.max_grad_norm = float(args.max_grad_norm or 0.0)
         self.model_meta = describe_for_store(model)  # meta["model"]: what unlearning rebuilds the model from
         try:
+            cfg = LmcleanConfig()
+            cfg.record.unlearn, cfg.train.device = self.unlearn, str(getattr(args, "device", "cpu"))
+            # before the reopen (it unlists events past the Trainer checkpoint); that θ is pre-jump
+            self._online = OnlineRequests.open(cfg, self.path, self.start_step > 0, restart=self.start_step,
+                                               pre_jump=True)
             if self.start_step > 0:
                 self._reopen(state, model, train_dataloader)
             else:
@@ -100,6 +112,18 @@ class LMCleanCallback(TrainerCallback):
             self._norms = GradNorms(trainable)
             self._capture = ForwardCapture(model, self.id_column, set(self.exclude), lambda: _zero_loss(trainable))
             self._capture.active = True
+            if self._online is not None:  # its exclusions go straight into the wrapper's set
+                self._online.bind(self.recorder, self._capture.exclude, self.start_step)
+        except BaseException:
+            self.abort()
+            raise
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Pending deletion requests, before the step's first forward (once per optimizer step)."""
+        if self.recorder is None or self._online is None:
+            return
+        try:
+            self._take_requests(int(state.global_step))
         except BaseException:
             self.abort()
             raise
@@ -174,6 +198,18 @@ class LMCleanCallback(TrainerCallback):
             opt_state=torch_optimizer_state(self.optimizer, self.model, self.manifest, self.rule) if ck else None)
         if self._norms:
             self._norms.reset()
+
+    def _take_requests(self, t: int) -> None:
+        """OnlineRequests on flat copies of θ and the optimizer state; what it changed is copied back
+        into the parameters and `optimizer.state` in place (their dtype and device)."""
+        online = self._online
+        if online is None or not online.wants(t):
+            return
+        theta = flat_params(self.model, self.manifest).detach().clone()
+        opt_state = torch_optimizer_state(self.optimizer, self.model, self.manifest, self.rule)
+        before, before_state = theta.clone(), {k: v.clone() for k, v in opt_state.items()}
+        online.maybe_apply(t, theta, opt_state)
+        write_back(self.model, self.optimizer, self.manifest, theta, opt_state, before, before_state, t)
 
     # -- set-up ----------------------------------------------------------------------------------
     def _check_run(self, args: Any, model: Any, optimizer: Any) -> None:

@@ -136,4 +136,11 @@ def apply_correction(theta: torch.Tensor, state: dict[str, torch.Tensor], dtheta
     theta.add_(dtheta.to(theta.device, theta.dtype))
     for name, d in dstate.items():
         if name in state:
-            state[name].add_(d.to(state[name].device, state[name].dtype))
+            d = d.to(state[name].device, state[name].dtype)
+            if name == "exp_avg_sq":
+                import torch
+
+                # a linearised δs can undershoot where s is small (Adam's first steps); s + δs < 0 there,
+                # and clamping to 0 makes the next step divide by ε. Those entries keep their s.
+                d = torch.where(state[name] + d >= 0, d, torch.zeros_like(d))
+            state[name].add_(d)

@@ -166,9 +166,10 @@ def _record_jump(store: TrajectoryStore, current: Path, history: Any) -> dict[st
     state_delta = (load_optimizer_delta(current) or {}) if from_output else {}
     names = set(store.rule.state_names())
     state_delta = {k: v.float() for k, v in state_delta.items() if k in names}
-    if "exp_avg_sq" in state_delta:  # a linearised δs may undershoot 0 where s is tiny: Adam's √s needs s >= 0
+    if "exp_avg_sq" in state_delta:  # a linearised δs may undershoot 0 where s is tiny: those entries keep s
         s = state_T["exp_avg_sq"]
-        state_delta["exp_avg_sq"] = (s + state_delta["exp_avg_sq"]).clamp(min=0) - s
+        d = state_delta["exp_avg_sq"]
+        state_delta["exp_avg_sq"] = torch.where(s + d >= 0, d, torch.zeros_like(d))  # as apply_correction
     delta = theta_hat - theta_T
     info: dict[str, Any] = {"correction": None, "delta_norm": float(torch.linalg.vector_norm(delta)),
                             "optimizer_delta": sorted(state_delta)}

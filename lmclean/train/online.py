@@ -45,6 +45,7 @@ class _Due:
     jump: Jump | None = None  # re-applied from the store (None: already in θ, or none was recorded)
     event: CorrectionEvent | None = None
     requests: list[Request] = field(default_factory=list)
+    listed: bool = False  # the event is still listed (at the restart step): apply the jump, record nothing
 
 
 class OnlineRequests:
@@ -61,9 +62,12 @@ class OnlineRequests:
         self._synced = -1  # the step at which the writer was last known idle with steps < t committed
 
     @classmethod
-    def open(cls, cfg: LmcleanConfig, store: Path | None, resume: bool) -> "OnlineRequests | None":
+    def open(cls, cfg: LmcleanConfig, store: Path | None, resume: bool, restart: int | None = None,
+             pre_jump: bool = False) -> "OnlineRequests | None":
         """Before `record --resume` reopens the store: read its committed events (the reopen unlists
-        those past the restart checkpoint, which this run re-applies at their steps)."""
+        those past the restart checkpoint, which this run re-applies at their steps). `restart`: the
+        step the caller restarts from (default: the built-in trainer's); `pre_jump`: its θ is the
+        pre-jump one (a Trainer checkpoint), so the events at `restart` are applied again too."""
         if store is None:
             return None
         prior: list[tuple[CorrectionEvent, Jump | None]] = []
@@ -72,8 +76,10 @@ class OnlineRequests:
 
             ts = TrajectoryStore(store)
             # the checkpoint the reopen restarts from (trainer._reopen): events up to it stay listed and in θ
-            restart = ts.nearest_checkpoint(ts.committed_steps) if ts.checkpoint_steps else 0
-            prior = [(e, ts.correction(e) if e.step > restart else None) for e in ts.corrections]
+            if restart is None:
+                restart = ts.nearest_checkpoint(ts.committed_steps) if ts.checkpoint_steps else 0
+            prior = [(e, ts.correction(e) if e.step > restart or (pre_jump and e.step == restart) else None)
+                     for e in ts.corrections]
         return cls(cfg, Path(store), prior)
 
     def bind(self, recorder: Any, excluded: set[int], start: int) -> None:
@@ -81,6 +87,15 @@ class OnlineRequests:
         self.recorder, self.excluded, self.start = recorder, excluded, start
 
     # -- the per-step hook ------------------------------------------------------------------
+    def wants(self, t: int) -> bool:
+        """Whether `maybe_apply(t)` may have work (one listdir): a caller whose θ/state are not flat
+        vectors (the Trainer callback) builds them only then."""
+        if self._last_poll == t:
+            return False
+        if self._due is None:
+            self._due = self._plan_resume()
+        return bool(self._due.get(t)) or bool(self.poller.pending())
+
     def maybe_apply(self, t: int, theta: torch.Tensor, state: dict[str, torch.Tensor]) -> None:
         if self._last_poll == t:  # at most once per step
             return
@@ -108,8 +123,7 @@ class OnlineRequests:
             if event.step > self.start and jump is None:
                 raise StoreError(f"store {self.store}: correction {event.index} at step {event.step} is past the restart "
                                  f"step {self.start} but was not read before the reopen")
-            dues.append(_Due(max(event.step, self.start), event.request_id, jump if event.step > self.start else None,
-                             event))
+            dues.append(_Due(max(event.step, self.start), event.request_id, jump, event, listed=event.step <= self.start))
         by_rid = {d.audit_request_id: d for d in dues if d.audit_request_id}
         for r in reqs:
             if r.audit_request_id in by_rid:
@@ -123,7 +137,9 @@ class OnlineRequests:
         return out
 
     def _redo(self, t: int, due: _Due, theta: torch.Tensor, state: dict[str, torch.Tensor]) -> None:
-        if due.jump is not None and due.event is not None:
+        if due.jump is not None and due.event is not None and due.listed:
+            apply_correction(theta, state, *due.jump)
+        elif due.jump is not None and due.event is not None:
             dtheta, dstate = due.jump
             index = self.recorder.correct(t, dtheta, dstate, request_id=due.event.request_id,
                                           method=due.event.method, theta=theta, opt_state=state)
