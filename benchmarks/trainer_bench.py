@@ -161,7 +161,8 @@ def train_once(model: torch.nn.Module, data: list[dict[str, Any]], tokenizer: An
         report_to=[], use_cpu=use_cpu, bf16=bf16, save_strategy="no", logging_strategy="no", disable_tqdm=True,
         dataloader_num_workers=0, remove_unused_columns=False)
     timer = step_timer()
-    cb = LMCleanCallback(store, id_column="id", exclude=exclude, overwrite=True) if store is not None else None
+    cb = (LMCleanCallback(store, id_column="id", exclude=exclude, overwrite=True, codec=os.environ.get("LMCLEAN_BENCH_CODEC", "auto"))
+          if store is not None else None)
     trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collate, processing_class=tokenizer,
                       callbacks=[timer] + ([cb] if cb else []))
     trainer.remove_callback(PrinterCallback)  # its end-of-training dict on stdout

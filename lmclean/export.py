@@ -17,7 +17,7 @@ def export_step(store_path: Path | str, out: Path, step: int | None = None, over
     the step written. An adapter store writes an adapter directory, or with `merge` the merged model."""
     from lmclean.paths import check_output
     from lmclean.store.reader import TrajectoryStore
-    from lmclean.train.data import load_tokenizer
+    from lmclean.train.data import store_tokenizer
     from lmclean.adapters import save_output, store_model
     from lmclean.train.model import load_flat_into
 
@@ -29,7 +29,6 @@ def export_step(store_path: Path | str, out: Path, step: int | None = None, over
     theta, _ = store.theta_at(target)
     model = store_model(store)
     load_flat_into(model, store.manifest, theta)
-    spec = store.meta.get("tokenizer", "external")
-    tokenizer = load_tokenizer(spec) if spec == "byte" or Path(spec).is_dir() else None  # else: the user's own
+    tokenizer = store_tokenizer(store)
     save_output(model, tokenizer, out, merge=merge)
     return target

@@ -40,6 +40,20 @@ def fingerprint(token_ids: Sequence[int]) -> str:
     return hashlib.sha256(np.asarray(token_ids, dtype="<i4").tobytes()).hexdigest()
 
 
+def store_tokenizer(store: Any) -> Any:
+    """The tokenizer a store's outputs are saved with: `byte` or a directory as recorded; for a store
+    recorded by a Trainer (tokenizer "external") the one saved with STORE/model, else None."""
+    spec = store.meta.get("tokenizer", "external")
+    if spec == "byte" or Path(spec).is_dir():
+        return load_tokenizer(spec)
+    model_dir = Path(store.path) / "model"
+    if (model_dir / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(model_dir)
+    return None
+
+
 def load_tokenizer(spec: str) -> Any:
     """`byte` -> ByT5's byte-level tokenizer (needs no files); otherwise a local tokenizer directory."""
     from transformers import AutoTokenizer, ByT5Tokenizer

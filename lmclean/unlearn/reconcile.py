@@ -112,7 +112,7 @@ def _build(store: TrajectoryStore, forget: set[int], first: int, new: Path,
            progress: Progress | None) -> tuple[torch.Tensor, float]:
     """Record the counterfactual run into `new`; returns its final θ and the gradient count."""
     from lmclean.adapters import save_output, store_model
-    from lmclean.train.data import load_tokenizer
+    from lmclean.train.data import store_tokenizer
     from lmclean.train.model import load_flat_into
     from lmclean.train.recorder import Recorder
     from lmclean.unlearn.baselines import replay_steps
@@ -161,10 +161,12 @@ def _build(store: TrajectoryStore, forget: set[int], first: int, new: Path,
             final = store.checkpoint(T)
         theta_exact, state_exact = final[0].detach().float().cpu().clone(), final[1]
 
+        tokenizer = store_tokenizer(store)  # the old store's (STORE/model's, for a Trainer store)
+
         def save() -> None:
             model = store_model(store)
             load_flat_into(model, store.manifest, theta_exact)
-            save_output(model, load_tokenizer(meta["tokenizer"]), new / fmt.MODEL_DIR)
+            save_output(model, tokenizer, new / fmt.MODEL_DIR)
 
         rec.close(T, final[0], state_exact, before_closed=save)
     except BaseException:

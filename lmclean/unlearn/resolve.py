@@ -9,11 +9,15 @@ from lmclean.errors import DataError
 from lmclean.store.reader import TrajectoryStore
 from lmclean.train.data import encode, fingerprint, load_tokenizer, parse_id_spec, read_rows, row_text
 from lmclean.unlearn.common import ForgetSet
+from lmclean.errors import UnsupportedError
 from lmclean.unlearn.request import ForgetSpec, ResolvedForget
 
 
 def ids_from_data(store: TrajectoryStore, path: Path) -> list[int]:
     """Match rows of a JSON Lines file to recorded samples by the fingerprint of their token ids."""
+    if "data" not in store.meta.get("config", {}):
+        raise UnsupportedError(f"store {store.path} was recorded by a Trainer (no lmclean data config): --forget-data "
+                               "cannot tokenize rows as it did; pass the sample ids with --forget IDS")
     data_cfg = DataConfig(**{k: v for k, v in store.meta["config"]["data"].items() if k in DataConfig.__dataclass_fields__})
     tokenizer = load_tokenizer(store.meta["tokenizer"])
     by_fp = {fp: sid for sid, fp in store.sample_fingerprints.items()}

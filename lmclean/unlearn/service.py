@@ -322,7 +322,7 @@ def _write_and_audit(p: Prepared, options: UnlearnOptions, who: Requester, theta
                      result: SweepResult, report: dict[str, Any]) -> dict[str, Any]:
     """Stage the model, write the intent, append the audit record (the commit point), publish."""
     from lmclean.audit import model_digest, new_request_id, unlearn_event
-    from lmclean.train.data import load_tokenizer
+    from lmclean.train.data import store_tokenizer
     from lmclean.adapters import save_output, store_model
     from lmclean.train.model import load_flat_into
     from lmclean.audit.publish import PendingPublish, publish, stage_path
@@ -333,7 +333,7 @@ def _write_and_audit(p: Prepared, options: UnlearnOptions, who: Requester, theta
         shutil.rmtree(staged)
     model = store_model(p.store)
     load_flat_into(model, p.store.manifest, theta_hat)
-    save_output(model, load_tokenizer(p.store.meta["tokenizer"]), staged, merge=p.merge,
+    save_output(model, store_tokenizer(p.store), staged, merge=p.merge,
                 extra_files={"unlearn_report.json": json.dumps(report, indent=1),
                              OPTIMIZER_DELTA: optimizer_delta_bytes(result.state_delta)})
     request_id = who.request_id or new_request_id()
