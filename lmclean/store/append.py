@@ -17,12 +17,9 @@ Until the switch the store is consistent with its old table: no committed step h
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +29,7 @@ import zarr
 from lmclean._faults import crash_point
 from lmclean.errors import StoreError
 from lmclean.store import format as fmt
-from lmclean.store.atomic import atomic_write_bytes, fsync_dir
+from lmclean.store.atomic import atomic_write_bytes, exchange_dirs, fsync_dir
 from lmclean.store.codec import array_codec
 
 __all__ = ["STAGING", "expected_samples", "finish_pending_growth", "stage_samples"]
@@ -175,23 +172,7 @@ def _switch(store: Path, staged: Path, cur: Path, old: Path) -> None:
     fsync_dir(store)
 
 
-_RENAME_EXCHANGE = 2
-_AT_FDCWD = -100
 
 
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap directories `a` and `b` atomically (Linux renameat2); False where unsupported (and with
-    LMCLEAN_NO_RENAME_EXCHANGE set: how the tests reach the two-rename path)."""
-    if sys.platform != "linux" or os.environ.get("LMCLEAN_NO_RENAME_EXCHANGE"):
-        return False
-    fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
-    if fn is None:
-        return False
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
-        return False  # kernel or file system without the flag: the two-rename path
-    raise OSError(err, os.strerror(err), str(a))
+_exchange = exchange_dirs  # module-level name: tests replace it to reach the two-rename path
 

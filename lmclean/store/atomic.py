@@ -97,3 +97,28 @@ def atomic_write_bytes(path: Path | str, data: Data, *, dir_fd: int | None = Non
 def atomic_write_json(path: Path | str, obj: Any, *, pending: DirSync | None = None) -> None:
     """`obj` as indented, key-sorted JSON, written with atomic_write_bytes."""
     atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode(), pending=pending)
+
+
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2  # <fcntl.h>, <linux/fs.h>
+
+
+def exchange_dirs(a: Path, b: Path) -> bool:
+    """Exchange two directories atomically (Linux renameat2 RENAME_EXCHANGE): neither path is ever
+    missing. False where the system or file system does not support it (the caller then falls back
+    to two renames), and with LMCLEAN_NO_RENAME_EXCHANGE set (how tests reach that path)."""
+    import ctypes
+    import errno
+    import sys
+
+    if sys.platform != "linux" or os.environ.get("LMCLEAN_NO_RENAME_EXCHANGE"):
+        return False
+    fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if fn is None:
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(a))
