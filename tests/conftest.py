@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -71,3 +73,14 @@ def store_copy(recorded_store: Path, tmp_path: Path) -> Path:
     copy = tmp_path / "run.zarr"
     shutil.copytree(recorded_store, copy)
     return copy
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """This process computes like a killed subprocess (OMP_NUM_THREADS=1): bitwise the same steps."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

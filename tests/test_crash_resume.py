@@ -6,20 +6,18 @@ resume run in this process with torch limited to one thread too, so all three co
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import TINY_MODEL, write_rows
+from conftest import TINY_MODEL, one_thread, write_rows
 from typer.testing import CliRunner
 
 from lmclean import config as config_mod
@@ -29,16 +27,6 @@ from lmclean.store.reader import TrajectoryStore
 from lmclean.train.trainer import train
 
 STEPS = 240  # a few seconds on one core: long enough to be killed mid-run
-
-
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _config(tmp: Path) -> Path:
@@ -103,7 +91,7 @@ def test_sigkill_mid_record_leaves_a_store_that_resume_completes_bitwise(tmp_pat
     info = json.loads(runner.invoke(app, ["inspect-log", str(store), "--json"]).stdout)
     assert info["steps"]["committed"] == committed < info["steps"]["planned"] == STEPS and not info["steps"]["closed"]
 
-    with _one_thread():
+    with one_thread():
         resumed = runner.invoke(app, ["record", str(cfg), "--store", str(store), "--resume", "--json"])
         assert resumed.exit_code == 0, resumed.output
         assert json.loads(resumed.stdout)["resumed_from"] == max(c for c in s.checkpoint_steps if c <= committed)

@@ -4,18 +4,16 @@ baseline, and kill -9 at each crash point followed by `record --resume`)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import TINY_MODEL, error_line, tiny_config, write_rows
+from conftest import TINY_MODEL, error_line, one_thread, tiny_config, write_rows
 from typer.testing import CliRunner
 
 from lmclean.audit.log import AuditLog
@@ -206,17 +204,6 @@ def _run(args: list[str], crash: str | None = None) -> subprocess.CompletedProce
     return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=300)
 
 
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """This process computes like the killed subprocess (OMP_NUM_THREADS=1): bitwise the same steps."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def crash_reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     """The never-killed runs, in this process on one thread."""
@@ -232,7 +219,7 @@ def crash_reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, objec
             if t == at:
                 enqueue(store, ids="101,105", reason="crash test")
 
-        with _one_thread():
+        with one_thread():
             train(config_mod.load(cfg), store, on_step=on_step, base=cfg.parent)
         out[at] = _final(store)
     return out
@@ -247,7 +234,7 @@ def test_kill_while_applying_a_request_then_resume_gives_the_same_model(crash_re
     assert killed.returncode == 86, killed.stderr[-3000:]  # os._exit at the crash point
     (req,) = list_requests(store)
     assert req.status == "pending" and req.step == at + 1  # claimed for its step, not yet applied
-    with _one_thread():
+    with one_thread():
         resumed = runner.invoke(app, ["record", "--store", str(store), "--resume"])
     assert resumed.exit_code == 0, resumed.output
     assert torch.equal(_final(store), crash_reference[at])  # bitwise: the jump is re-applied, never recomputed

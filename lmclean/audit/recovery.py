@@ -51,3 +51,16 @@ def finish_pending_scrub(store_dir: Path | str) -> list[ScrubResult]:
             done.append(result)
             dead.update(result.tombstoned)
     return done
+
+
+def finish_interrupted(store: Path | str) -> None:
+    """Before a writer works on a store (under its lock): refuse a forged log, then finish what a
+    crash interrupted, in dependency order: a samples-table growth (it may have left no table), a
+    two-phase unlearn publish, a scrub. One sequence for every writer, so none forgets a step."""
+    from lmclean.audit.publish import finish_pending_unlearn
+    from lmclean.store.append import finish_pending_growth
+
+    AuditLog(store).require_intact()  # first: a forged record must not be scrubbed or trained on
+    finish_pending_growth(store)
+    finish_pending_unlearn(store)
+    finish_pending_scrub(store)

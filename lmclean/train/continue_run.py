@@ -64,11 +64,10 @@ def continue_training(store: Path | str, *, epochs: int | None = None, steps: in
                       on_start: StartCallback | None = None) -> tuple[TrainResult, dict[str, Any]]:
     """Train the complete store at `store` on (see the module docstring), holding its lock; append
     the audit "continue" record. Returns the training result and a summary of the jump."""
-    from lmclean.audit import AuditLog, finish_pending_scrub, record_event
+    from lmclean.audit import record_event
+    from lmclean.audit.recovery import finish_interrupted
     from lmclean.audit.history import load_history
-    from lmclean.audit.publish import finish_pending_unlearn
     from lmclean.device import deterministic, resolve_device
-    from lmclean.store.append import finish_pending_growth
     from lmclean.store.lock import StoreLock
     from lmclean.train.trainer import _train
 
@@ -79,10 +78,7 @@ def continue_training(store: Path | str, *, epochs: int | None = None, steps: in
 
     finish_pending_swap(store)  # a reconcile interrupted after its commit point
     with StoreLock(store, "record --continue"):
-        AuditLog(store).require_intact()  # a forged record must not be trained on
-        finish_pending_growth(store)  # first: an interrupted growth may have left no samples table
-        finish_pending_unlearn(store)
-        finish_pending_scrub(store)
+        finish_interrupted(store)
         existing = TrajectoryStore(store)
         if not existing.closed:
             raise StoreError(f"store {store} is incomplete ({existing.committed_steps}/{existing.planned_steps} "

@@ -46,9 +46,8 @@ def reconcile(store_path: Path | str, progress: Progress | None = None,
               on_start: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Reconcile the store (see the module docstring), holding its lock throughout; returns the
     report (also the audit record's "reconcile" field). `on_start(first, steps)` once the checks pass."""
-    from lmclean.audit import AuditLog, finish_pending_scrub
     from lmclean.audit.history import load_history
-    from lmclean.audit.publish import finish_pending_unlearn
+    from lmclean.audit.recovery import finish_interrupted
     from lmclean.store.lock import StoreLock
     from lmclean.store.swap import build_path, finish_pending_swap, remove_leftovers, swap_in
 
@@ -57,9 +56,7 @@ def reconcile(store_path: Path | str, progress: Progress | None = None,
     TrajectoryStore(store_path)  # "no lmclean store at ..." before anything else
     began = time.perf_counter()
     with StoreLock(store_path, "reconcile"):
-        AuditLog(store_path).require_intact()
-        finish_pending_unlearn(store_path)
-        finish_pending_scrub(store_path)
+        finish_interrupted(store_path)  # growth included: a grown store is reconciled on its whole table
         remove_leftovers(store_path)
         store = TrajectoryStore(store_path)
         if not store.closed:
