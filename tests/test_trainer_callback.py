@@ -376,6 +376,13 @@ def test_bf16_trainer_run_records_and_replays_under_the_same_autocast(tmp_path: 
 
 
 def test_fp16_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(Exception):  # transformers itself refuses fp16 on CPU; either way no store
-        run(tmp_path, "fp16", fp16=True, num_train_epochs=1)
-    assert not (tmp_path / "fp16.zarr" / "zarr.json").exists()
+    """transformers refuses fp16 on CPU before any callback runs, so the callback's own check is
+    called directly with the arguments of a GPU fp16 run."""
+    args = make_args(tmp_path / "fp16")
+    object.__setattr__(args, "fp16", True)
+    cb = LMCleanCallback(tmp_path / "fp16.zarr", id_column="id")
+    model = make_model()
+    with pytest.raises(UnsupportedError, match="fp16") as info:
+        cb._check_run(args, model, torch.optim.AdamW(model.parameters()))
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "fp16.zarr").exists()
