@@ -16,24 +16,73 @@ Fine-tunes the model of examples/tiny.yaml on examples/finetune.yaml (both recor
   python benchmarks/fidelity.py                          # scenario "memorise": forget 10 samples seen every epoch
   python benchmarks/fidelity.py --scenario early         # forget steps seen only early (K matters)
   python benchmarks/fidelity.py --quick                  # fewer variants
+  python benchmarks/fidelity.py --frontier --json runs/x.json --plot runs/x.png   # the study rows (README)
+
+Rows named "cb=full" take the curvature on the recorded batch (`--curvature-batch full`), the others
+on the batch without the forget set (retained). `--json` writes the case (its numbers and command)
+with its rows; benchmarks/frontier.py draws several such files as one figure. Rows "ekfac-rq" are an
+experiment: EK-FAC rescaled along the propagated vector (RayleighEKFAC below), not a CLI option.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import shlex
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 from lmclean import config as config_mod
+from lmclean.curvature import ggn_vp
 from lmclean.store import TrajectoryStore
 from lmclean.train.data import parse_id_spec
 from lmclean.train.trainer import train
 from lmclean.unlearn import ForgetSet, OperatorSettings, PropagationSettings, propagate, replay, rollback
 from lmclean.unlearn.common import flat_grad
+from lmclean.unlearn.operators import OPERATORS, EKFACOperator
 from lmclean.unlearn.service import open_trajectory
+
+
+# the rows of the frontier / curvature-batch study (benchmarks/README.md, "Frontier and --curvature-batch")
+FRONTIER_ROWS = {
+    "rollback", "lmcleaner ggn K=800", "lmcleaner ggn K=800 cb=full", "lmcleaner exact K=800",
+    *(f"lmcleaner {hvp} K=800 refresh={r}{cb}" for hvp in ("kfac", "ekfac") for r in (10, 50) for cb in ("", " cb=full")),
+    "lmcleaner diag K=800", "lmcleaner lowrank K=800", "lmcleaner fisher K=800", "lmcleaner ggn K=800 cf=0.25",
+    "lmcleaner ggn K=20 tail=ekfac", "replay f=0.5", "replay f=0.25", "replay f=0.125",
+}
+
+
+class RayleighEKFAC(EKFACOperator):
+    """Experiment (rows "ekfac-rq"): EK-FAC whose eigenvalues are rescaled at each anchor, part by part,
+    to the GGN's quadratic form along the propagated vector (KroneckerCurvature.rescaled_along), from
+    ONE exact GGN product per anchor, taken at the anchor's θ on the first use of its estimate."""
+
+    name = "ekfac-rq"
+
+    def _estimate(self, t, params, objective):  # noqa: ANN001, ANN202
+        super()._estimate(t, params, objective)
+        self._anchor = ({k: p.detach().clone() for k, p in params.items()}, objective)  # θ is a reused buffer
+        return lambda v: (self._calibrate(v), self._flat(self.curvature.matvec)(v))[1]
+
+    def window(self, v, m, lrs, momentum, shift, max_step):  # noqa: ANN001, ANN201
+        self._calibrate(v)
+        return super().window(v, m, lrs, momentum, shift, max_step)
+
+    def _calibrate(self, v: torch.Tensor) -> None:
+        if getattr(self, "_anchor", None) is None or not bool(torch.any(v != 0)):
+            return
+        params, obj = self._anchor
+        self._anchor = None
+        vec = self.manifest.views(v)
+        self.curvature = self.curvature.rescaled_along(vec, ggn_vp(obj, params, vec))
+        self.products += 1
+
+
+OPERATORS.setdefault(RayleighEKFAC.name, RayleighEKFAC)
 
 
 def record_pair(cfg_path: Path, overrides: list[str], exclude: list[int], workdir: Path) -> tuple[Path, Path]:
@@ -99,7 +148,11 @@ def main() -> None:
     ap.add_argument("--only", help="run only the methods whose name contains one of these comma-separated texts (e.g. rollback,lowrank); "
                          "=NAME selects exactly that row")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    ap.add_argument("--frontier", action="store_true",
+                    help="run only the frontier / curvature-batch study rows (FRONTIER_ROWS; see benchmarks/README.md)")
+    ap.add_argument("--label", help="the case's name in --json and --plot (default: the scenario and stores)")
+    ap.add_argument("--json", type=Path, help="also write the case and its rows as JSON here")
+    ap.add_argument("--plot", type=Path, help="also draw this run's frontier (residual vs ×replay) here (needs matplotlib: the bench extra)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -151,13 +204,15 @@ def main() -> None:
           f"‖θ − θ_retrain‖ = {base:.4g}; forget loss {lf['orig']:.4f} (orig) vs {lf['ref']:.4f} (retrained); "
           f"training step {step_s * 1e3:.1f} ms")
 
-    def lm(hvp: str, K: int, damping: float = 1e-4, **op) -> callable:  # noqa: ANN003
-        return lambda: propagate(traj, forget, PropagationSettings(K=K, damping=damping, operator=OperatorSettings(hvp=hvp, **op)))
+    def lm(hvp: str, K: int, damping: float = 1e-4, cb: str = "retained", **op) -> callable:  # noqa: ANN003
+        return lambda: propagate(traj, forget, PropagationSettings(K=K, damping=damping, curvature_batch=cb,
+                                                                   operator=OperatorSettings(hvp=hvp, **op)))
 
     variants: list[tuple[str, callable]] = [("rollback", lambda: rollback(traj, forget))]
     Ks = [20, 800] if args.quick else [5, 20, 100, 800]
     for K in Ks:
         variants.append((f"lmcleaner ggn K={K}", lm("ggn", K)))
+    variants.append(("lmcleaner ggn K=800 cb=full", lm("ggn", 800, cb="full")))
     variants.append(("lmcleaner ggn K=800 damp=1e-2", lm("ggn", 800, 1e-2)))
     variants.append(("lmcleaner ggn K=800 no-stabilize", lambda: propagate(
         traj, forget, PropagationSettings(K=800, stabilize=False, divergence_factor=1e6, operator=OperatorSettings(hvp="ggn")))))
@@ -170,6 +225,10 @@ def main() -> None:
     for hvp in ["kfac", "ekfac"]:
         for refresh in ([10, 50] if args.quick else [1, 10, 50]):
             variants.append((f"lmcleaner {hvp} K=800 refresh={refresh}", lm(hvp, 800, refresh=refresh)))
+            if refresh > 1:
+                variants.append((f"lmcleaner {hvp} K=800 refresh={refresh} cb=full", lm(hvp, 800, cb="full", refresh=refresh)))
+    for refresh in (10, 50):
+        variants.append((f"lmcleaner ekfac-rq K=800 refresh={refresh}", lm("ekfac-rq", 800, refresh=refresh)))
     variants.append(("lmcleaner ekfac K=800 refresh=10 anchor=1", lm("ekfac", 800, refresh=10, anchor_fraction=1.0)))
     variants.append(("lmcleaner ggn K=20 tail=ekfac", lambda: propagate(
         traj, forget, PropagationSettings(K=20, tail="ekfac", operator=OperatorSettings(hvp="ggn", refresh=10)))))
@@ -180,29 +239,39 @@ def main() -> None:
         variants.append(("replay K=20", lambda: replay(traj, forget, K=20)))
     for f in [0.5, 0.25, 0.125]:
         variants.append((f"replay f={f}", lambda f=f: replay(traj, forget, fraction=f)))
+    if args.frontier:
+        variants = [(name, fn) for name, fn in variants if name in FRONTIER_ROWS]
+    if not forget.sample_ids:  # batch level: no sample is excluded from any curvature, full = retained
+        variants = [(name, fn) for name, fn in variants if "cb=full" not in name]
     if args.only:
         wanted = [w.strip() for w in args.only.split(",")]  # "=name": that row only; else any row containing it
         variants = [(name, fn) for name, fn in variants
                     if any(name == w[1:] if w.startswith("=") else w in name for w in wanted)]
 
     span = exact.window[1] - exact.window[0]
-    header = f"{'method':34s} {'residual':>9s} {'gap':>7s} {'seconds':>8s} {'×train':>7s} {'×replay':>8s} {'/step':>7s} {'products':>8s}"
+    header = f"{'method':42s} {'residual':>9s} {'gap':>7s} {'seconds':>8s} {'×train':>7s} {'×replay':>8s} {'/step':>7s} {'products':>8s}"
     print("\n" + header, flush=True)
     rows: list[dict] = []
+
+    def cost(row: dict) -> None:  # the cost columns, kept in the JSON rows too
+        row["x_train"] = row["seconds"] / (span * step_s)
+        row["x_replay"] = row["seconds"] / replay_seconds
 
     def emit(row: dict) -> None:
         rows.append(row)
         if "error" in row:
-            print(f"{row['method']:34s} ERROR {row['error']}", flush=True)
+            print(f"{row['method']:42s} ERROR {row['error']}", flush=True)
             return
+        cost(row)
         per_step = row["seconds"] / (row["steps"] * step_s)
         gap = f"{row['gap']:7.2f}" if row["gap"] is not None else f"{'n/a':>7s}"
-        print(f"{row['method']:34s} {row['residual']:9.3f} {gap} {row['seconds']:8.1f} "
+        print(f"{row['method']:42s} {row['residual']:9.3f} {gap} {row['seconds']:8.1f} "
               f"{row['seconds'] / (span * step_s):7.2f} {row['seconds'] / replay_seconds:8.2f} {per_step:7.2f} "
               f"{row['products']:8d}", flush=True)
 
     gap_defined = abs(lf["ref"] - lf["orig"]) >= 0.01 * abs(lf["orig"])
     th = theta + exact.delta  # measured, not assumed: in the early scenario it is the reference itself
+
     emit({"method": "replay (exact)", "residual": float(torch.linalg.vector_norm(th - theta_ref)) / base,
           "gap": (forget_loss(traj, th, occ) - lf["orig"]) / (lf["ref"] - lf["orig"]) if gap_defined else None,
           "seconds": replay_seconds, "steps": span, "products": 0})
@@ -220,7 +289,7 @@ def main() -> None:
               "seconds": seconds, "steps": max(1, res.window[1] - res.window[0]), "products": res.products})
     print("×train: wall time / (training steps of the exact replay span); /step: per propagated step, in training steps")
 
-    if args.scenario == "memorise" and not args.only:
+    if args.scenario == "memorise" and not args.only and not args.frontier:
         ids = sorted(traj.store.sample_fingerprints)
         for n in (1, 100):
             fs = ForgetSet(sample_ids=set(ids[:: max(1, len(ids) // n)][:n]))
@@ -229,8 +298,19 @@ def main() -> None:
             rows.append({"method": f"ggn {n} requests", "seconds": time.perf_counter() - begin})
             print(f"lmcleaner ggn, {n:3d} forget requests in one call: {rows[-1]['seconds']:.1f} s")
         print(f"100 vs 1 request time ratio: {rows[-1]['seconds'] / rows[-2]['seconds']:.2f}")
+    case = {"case": args.label or f"{args.scenario}: {' '.join(map(str, args.stores or [args.config]))}",
+            "scenario": args.scenario, "command": shlex.join(["python", *sys.argv]),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "torch_threads": args.threads, "steps": tau, "forget_steps": len(occ), "span": span,
+            "theta_distance": base, "forget_loss": lf, "gap_defined": gap_defined,
+            "train_step_seconds": step_s, "replay_seconds": replay_seconds, "rows": rows}
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(case, indent=1) + "\n")
+    if args.plot:
+        from frontier import draw  # benchmarks/frontier.py; imports matplotlib itself
+
+        draw([case], args.plot)
 
 
 if __name__ == "__main__":

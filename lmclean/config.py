@@ -92,7 +92,17 @@ class OnlineUnlearnConfig:
 @dataclass
 class RecordConfig:
     checkpoint_every: int = _f(50, "Save parameters and optimizer state every this many steps.")
-    precision: Literal["fp32", "bf16"] = _f("fp32", "Stored gradient precision (bf16 is lossy, ~2x smaller).")
+    precision: Literal["fp32", "bf16", "int8"] = _f(
+        "fp32", "Stored gradient precision. bf16 (lossy, ~2x smaller); int8: one int8 per parameter and a float32 "
+        "scale per 256 (lossy, ~3-4x smaller; θ rebuilt from it is approximate, replay stops being exact).")
+    keep_steps: int | None = _f(
+        None, "Retention window: keep the gradient rows (and the checkpoints needed) of the last N steps only; older "
+        "shard files are deleted as training goes on. Empty: keep every step. Unlearning a sample seen only "
+        "before the window is refused unless `unlearn --outside-window carry`.")
+    gradients: Literal["stored", "recompute"] = _f(
+        "stored", "stored: every step's gradient row is written. recompute: no gradient rows (batches, scalars and "
+        "checkpoints only, ~0.1-0.5 bytes/param/step); θ[t] is rebuilt by recomputing each step's gradient from its "
+        "stored batch at the rebuilt θ[t] (one forward+backward per replayed step; exact on CPU).")
     codec: Literal["auto", "zstd", "blosc", "none"] = _f(
         "auto", "Gradient compressor. auto: fastest that compresses (fp32: blosc lz4, ~1.1x; bf16: lz4 with "
         "bit-shuffle, ~3.2x vs fp32); blosc: lz4 with bit-shuffle (fp32 ~1.3x, more writer CPU); zstd; none."
@@ -182,6 +192,8 @@ def validate(cfg: LmcleanConfig) -> LmcleanConfig:
         raise ConfigError(f"config key `train.lr` = {t.lr} must be > 0")
     if cfg.record.checkpoint_every < 1:
         raise ConfigError("config key `record.checkpoint_every` must be >= 1")
+    if cfg.record.keep_steps is not None and cfg.record.keep_steps < 1:
+        raise ConfigError(f"config key `record.keep_steps` = {cfg.record.keep_steps} must be >= 1 (or empty: keep all)")
     if cfg.record.unlearn.K is not None and cfg.record.unlearn.K < 0:
         raise ConfigError(f"config key `record.unlearn.K` = {cfg.record.unlearn.K} must be >= 0")
     if cfg.data.template is None and cfg.data.text_field is None:

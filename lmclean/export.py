@@ -26,7 +26,9 @@ def export_step(store_path: Path | str, out: Path, step: int | None = None, over
     target = store.committed_steps if step is None else step
     if not 0 <= target <= store.committed_steps:
         raise StoreError(f"--step {target} is not a recorded step of {store.path}: use 0..{store.committed_steps}")
-    theta, _ = store.theta_at(target)
+    from lmclean.unlearn.trajectory import recompute_grad
+
+    theta, _ = store.theta_at(target, grad=recompute_grad(store))  # a recompute store: gradients recomputed
     model = store_model(store)
     load_flat_into(model, store.manifest, theta)
     tokenizer = store_tokenizer(store)

@@ -49,7 +49,7 @@ def test_set_overrides_are_parsed_as_yaml_and_merge_into_the_file(tmp_path: Path
     ("train.lr=true", ["train.lr", "float"]),
     ("train.epochs=2.5", ["train.epochs", "int"]),
     ("train.optimizer=adam", ["train.optimizer", "'adam'", "['sgd', 'adamw']"]),
-    ("record.precision=fp16", ["record.precision", "['fp32', 'bf16']"]),
+    ("record.precision=fp16", ["record.precision", "['fp32', 'bf16', 'int8']"]),
     ("train.schedule=step", ["train.schedule", "['constant', 'cosine', 'linear']"]),
     ("train.betas=[0.9, x]", ["train.betas[1]", "float"]),
     ("train=5", ["train", "mapping"]),

@@ -47,6 +47,10 @@ def finish_pending_scrub(store_dir: Path | str) -> list[ScrubResult]:
             continue
         missing = [int(i) for i in rec.get("forget_ids") or [] if int(i) not in dead]
         if missing and isinstance(rec.get("seq"), int):
+            from lmclean.store.reader import TrajectoryStore
+            from lmclean.unlearn.trajectory import pin_before_scrub
+
+            pin_before_scrub(TrajectoryStore(store), missing)  # a recompute store keeps g[t] of the steps it scrubs
             result = scrub_samples(store, missing, rec["seq"])
             done.append(result)
             dead.update(result.tombstoned)

@@ -3,6 +3,8 @@ and the help polish every command gets (`PolishedHelp`)."""
 
 from __future__ import annotations
 
+import copy
+import inspect
 import json
 import math
 import os
@@ -15,7 +17,8 @@ from contextlib import contextmanager
 from datetime import timedelta
 from functools import wraps
 from types import SimpleNamespace
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import Annotated, Any, TypeVar, get_args, get_origin
 
 import typer
 from rich.console import Console
@@ -65,6 +68,64 @@ def handle_errors(fn: F) -> F:
             raise typer.Exit(130)
 
     return wrapper  # type: ignore[return-value]
+
+
+def on_store(purpose: str, mode: str | Callable[[dict[str, Any]], str] = "read", sync: bool = False) -> Callable[[F], F]:
+    """Run the command on a local store directory: STORE itself, or for a URL (s3://, gs://,
+    memory://, ...) its staging copy, pulled before and pushed after (lmclean.store.remote).
+
+    The one place every command's --store is resolved: the `store` parameter is typed `str` for the
+    parser (a Path would fold `s3://` into `s3:/`), and the body receives a Path. `mode`: "read",
+    "write", "append", or a function of the command's arguments; `sync`: push every few seconds
+    while the command runs (record)."""
+
+    def decorate(fn: F) -> F:
+        sig = inspect.signature(fn, eval_str=True)
+        param = sig.parameters["store"]
+        annotation = param.annotation
+        if get_origin(annotation) is Annotated:
+            infos = [copy.copy(i) for i in get_args(annotation)[1:]]
+            for info in infos:
+                if getattr(info, "help", None):
+                    info.help = f"{info.help.rstrip('.')}, or a URL: s3://bucket/prefix/run.zarr, gs://, memory:// (docs/store-format.md)."
+            annotation = Annotated[(str, *infos)]  # type: ignore[valid-type]
+        default = str(param.default) if isinstance(param.default, Path) else param.default
+        new_sig = sig.replace(parameters=[param.replace(annotation=annotation, default=default) if p.name == "store" else p
+                                          for p in sig.parameters.values()])
+
+        @wraps(fn)
+        def wrapper(**kwargs: Any) -> Any:
+            store = kwargs.get("store")
+            if store is None or "://" not in str(store):
+                return fn(**{**kwargs, "store": None if store is None else Path(store)})
+            from lmclean.store.remote import SYNC_SECONDS, is_remote, open_location
+
+            if not is_remote(store):
+                return fn(**{**kwargs, "store": Path(str(store).removeprefix("file://"))})
+            how = mode(kwargs) if callable(mode) else mode
+            with open_location(store, purpose, how, sync_every=SYNC_SECONDS if sync else None) as local:  # type: ignore[arg-type]
+                try:  # option checks that read ctx.params (check_unlearn_options) see the local copy
+                    from typer._click.globals import get_current_context
+                except ImportError:  # pragma: no cover
+                    from click import get_current_context  # type: ignore[assignment]
+                ctx = get_current_context(silent=True)
+                if ctx is not None and "store" in ctx.params:
+                    ctx.params["store"] = local
+                try:
+                    return fn(**{**kwargs, "store": local})
+                except LmcleanError as exc:  # name the URL the user gave, not the staging copy
+                    if str(local) not in str(exc):
+                        raise
+                    try:
+                        renamed = type(exc)(str(exc).replace(str(local), str(store)))
+                    except TypeError:  # pragma: no cover - an error class with another signature
+                        raise exc from None
+                    raise renamed from exc
+
+        wrapper.__signature__ = new_sig  # type: ignore[attr-defined]
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
 
 
 def print_json(data: Any) -> None:

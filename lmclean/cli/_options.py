@@ -18,7 +18,7 @@ try:  # typer >= 0.20 vendors click as typer._click; older ones use click itself
 except ImportError:  # pragma: no cover
     from click import UsageError, get_current_context  # type: ignore[assignment]
 
-Method = Literal["lmcleaner", "rollback", "replay"]
+Method = Literal["lmcleaner", "rollback", "replay", "auto"]
 Level = Literal["sample", "batch"]
 Curvature = Literal["ggn", "exact", "kfac", "ekfac", "diag", "lowrank", "fisher"]
 OnDivergence = Literal["stop", "damp"]
@@ -43,6 +43,20 @@ def unit_fraction(value: float | None) -> float | None:
     """Option callback: a share of a batch, in (0, 1] (typer's ranges cannot exclude 0)."""
     if value is not None and not 0 < value <= 1:
         raise typer.BadParameter(f"{value:g} is not in (0, 1]: give a share of each batch, e.g. 0.5")
+    return value
+
+
+def budget_spec(value: str | None) -> str | None:
+    """Option callback: `--budget` as training-step equivalents (200, 200steps) or seconds (90s)."""
+    if value is None:
+        return None
+    from lmclean.errors import ConfigError
+    from lmclean.unlearn.auto import parse_budget
+
+    try:
+        parse_budget(value)
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc).removeprefix("--budget ").strip()) from None
     return value
 
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 import typer
 from rich.table import Table
 
-from lmclean.cli._app import abort, err, handle_errors, out, print_json
+from lmclean.cli._app import abort, err, handle_errors, on_store, out, print_json
 from lmclean.errors import AuditError, InputNotFoundError, StoreError
 
 if TYPE_CHECKING:  # lmclean.audit loads zarr (0.6 s): imported where used, so `lmclean --help` stays fast
@@ -58,6 +58,7 @@ def _one_line(message: str) -> str:
 
 @audit_app.command("show")
 @handle_errors
+@on_store("audit show")
 def show(
     store: StoreArg,
     record_id: Annotated[Optional[int], typer.Option("--id", help="Show every field of the record with this seq number (the first column of the table).")] = None,
@@ -184,6 +185,7 @@ def _detail_table(record: dict[str, Any], store: Path) -> Table:
 
 @audit_app.command("verify")
 @handle_errors
+@on_store("audit verify")
 def verify(
     store: StoreArg,
     model: Annotated[Optional[Path], typer.Option("--model", help="A model directory (safetensors) to check: its weights must be the output of the latest record that produced them, descending from the recorded run.")] = None,
@@ -230,6 +232,7 @@ def verify(
 
 @audit_app.command("enroll")
 @handle_errors
+@on_store("audit enroll", "write")
 def enroll(
     store: StoreArg,
     rotate: Annotated[bool, typer.Option("--rotate", help="Replace the enrolled key by LMCLEAN_AUDIT_KEY from this record on.")] = False,

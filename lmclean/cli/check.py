@@ -7,10 +7,11 @@ from typing import Annotated, Any
 
 import typer
 
-from lmclean.cli._app import abort, err, handle_errors, out, print_json, progress_bar
+from lmclean.cli._app import abort, err, handle_errors, on_store, out, print_json, progress_bar
 
 
 @handle_errors
+@on_store("check")
 def check(
     store: Annotated[Path, typer.Argument(help="Store directory written by `lmclean record`.")],
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
@@ -20,6 +21,7 @@ def check(
     """Verify a store: every chunk's checksum, COMMIT.json against the arrays, and θ replayed from
     each checkpoint to the next. Exit 1 naming the first bad array and step."""
     from lmclean.store.check import check_store  # imports torch: not for `--help`
+    from lmclean.unlearn.trajectory import recompute_grad
 
     phases: dict[str, Any] = {}
     with progress_bar("checking", None, enabled=not json_out, lazy=True) as advance:
@@ -30,7 +32,7 @@ def check(
             elif done % 16 == 0 or done == total:
                 advance(completed=done)
 
-        report = check_store(store, progress=progress, replay=not no_replay)
+        report = check_store(store, progress=progress, replay=not no_replay, recompute=recompute_grad)
     if json_out:
         print_json(report.to_dict())
         if not report.ok:

@@ -7,10 +7,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from lmclean.cli._app import err, handle_errors
+from lmclean.cli._app import err, handle_errors, on_store
 
 
 @handle_errors
+@on_store("export")
 def export(
     store: Annotated[Path, typer.Argument(help="Store directory written by `lmclean record`.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output model directory.")],

@@ -9,11 +9,12 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from lmclean.cli._app import handle_errors, out, print_json
+from lmclean.cli._app import handle_errors, on_store, out, print_json
 from lmclean.errors import DataError
 
 
 @handle_errors
+@on_store("inspect-log")
 def inspect_log(
     store: Annotated[Path, typer.Argument(help="Store directory written by `lmclean record`.")],
     sample: Annotated[Optional[int], typer.Option("--sample", min=0, help="Show the steps and batch positions where this sample id was seen.")] = None,
@@ -61,9 +62,12 @@ def _render(d: dict[str, Any]) -> None:
         ("lr", f"{d['lr']['min']:.3g} .. {d['lr']['max']:.3g}" if d["lr"]["min"] is not None else "-"),
         ("loss", f"{d['loss']['first']:.4f} -> {d['loss']['last']:.4f}  {d['loss']['sparkline']}" if d["loss"]["first"] is not None else "-"),
         ("checkpoints", f"{len(d['checkpoints'])} at steps {_short(d['checkpoints'])}"),
+        ("window", _window_text(d["window"], st["committed"])),
         ("samples", f"{d['samples']['in_dataset']} in data set, {d['samples']['seen']} seen, {d['samples']['excluded']} excluded"),
-        ("gradients", f"{d['precision']} / {d['codec']}: {b['gradients_on_disk'] / 1e6:.1f} MB on disk vs {b['gradients_raw_fp32'] / 1e6:.1f} MB raw fp32 "
-                      f"= {b['compression_vs_fp32']}x, {b['bytes_per_param_per_step']} bytes/param/step"),
+        ("gradients", "none stored (gradients: recompute): recomputed from the stored batches when θ is rebuilt"
+         if d.get("gradients") == "recompute" else
+         f"{d['precision']} / {d['codec']}: {b['gradients_on_disk'] / 1e6:.1f} MB on disk vs {b['gradients_raw_fp32'] / 1e6:.1f} MB raw fp32 "
+         f"= {b['compression_vs_fp32']}x, {b['bytes_per_param_per_step']} bytes/param/step"),
         ("on disk", f"{b['on_disk'] / 1e6:.1f} MB in total"),
         ("scrubbed", _tombstone_text(d)),
         *_history_rows(d["history"]),
@@ -114,6 +118,13 @@ def _tombstone_text(d: dict[str, Any]) -> str:
         ids = ", ".join(f"{i} (audit record {seq})" for i, seq in list(tomb.items())[:6])
         text = f"{len(tomb)} samples tombstoned, tokens overwritten: {ids}{', …' if len(tomb) > 6 else ''}"
     return text + ("; [yellow]a scrub is pending[/]: the next unlearn or record --resume finishes it" if d.get("scrub_pending") else "")
+
+
+def _window_text(w: dict[str, Any], committed: int) -> str:
+    if w["keep_steps"] is None:
+        return "every step kept"
+    return (f"keep_steps {w['keep_steps']}: gradients and θ of steps {w['retained_from']}..{committed - 1} kept; "
+            f"steps before {w['retained_from']} keep their batches only (unlearning them needs --outside-window carry)")
 
 
 def _short(values: list[int]) -> str:

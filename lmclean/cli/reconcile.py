@@ -7,10 +7,11 @@ from typing import Annotated
 
 import typer
 
-from lmclean.cli._app import err, handle_errors, print_json, progress_bar
+from lmclean.cli._app import err, handle_errors, on_store, print_json, progress_bar
 
 
 @handle_errors
+@on_store("reconcile", "write")
 def reconcile(
     store: Annotated[Path, typer.Argument(help="Store directory written by `lmclean record`.")],
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,

@@ -7,11 +7,12 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from lmclean.cli._app import err, handle_errors, out, print_json
+from lmclean.cli._app import err, handle_errors, on_store, out, print_json
 from lmclean.errors import ConfigError
 
 
 @handle_errors
+@on_store("request", lambda a: "read" if a.get("list_") else "append")
 def request(
     store: Annotated[Path, typer.Argument(help="Store directory written by `lmclean record` (it may be recording now).")],
     forget: Annotated[Optional[str], typer.Option(help="Sample ids to forget: 3,5,60-79 or @file (one id per line).")] = None,

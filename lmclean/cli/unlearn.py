@@ -3,27 +3,32 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 
-from lmclean.cli._app import err, handle_errors, print_json, progress_bar
-from lmclean.cli._options import DEVICE_HELP, Curvature, CurvatureBatch, Level, Method, OnDivergence, Tail, check_unlearn_options, device_spec, unit_fraction
+from lmclean.errors import ConfigError
+from lmclean.cli._app import err, handle_errors, on_store, print_json, progress_bar
+from lmclean.cli._quality import auto_lines, quality_lines
+from lmclean.cli._options import DEVICE_HELP, Curvature, CurvatureBatch, Level, Method, OnDivergence, Tail, budget_spec, check_unlearn_options, device_spec, unit_fraction
 
 
 @handle_errors
+@on_store("unlearn", lambda a: "read" if a.get("dry_run") else "write")
 def unlearn(
     store: Annotated[Path, typer.Argument(help="Store directory written by `lmclean record`.")],
     forget: Annotated[Optional[str], typer.Option(help="Sample ids to forget: 3,5,60-79 or @file (one id per line).")] = None,
     forget_data: Annotated[Optional[Path], typer.Option(help="JSON Lines rows to forget, matched to recorded samples by their token fingerprint.")] = None,
     steps: Annotated[Optional[str], typer.Option(help="Forget whole recorded steps, e.g. 12,40 (implies --level batch).")] = None,
     level: Annotated[Level, typer.Option(help="sample: remove each forget sample's own terms; batch: remove every step that contains one, whole.")] = "sample",
-    method: Annotated[Method, typer.Option(help="lmcleaner (propagate through recorded curvature), rollback (no propagation) or replay (exact re-run).")] = "lmcleaner",
+    method: Annotated[Method, typer.Option(help="lmcleaner (propagate through recorded curvature), rollback (no propagation), replay (exact re-run), or auto (the lowest expected residual within --budget, from the shipped benchmark table).")] = "lmcleaner",
+    budget: Annotated[Optional[str], typer.Option(callback=budget_spec, help="--method auto: the most it may cost, in training steps (200, 200steps) or seconds (90s, converted with the store's recorded step time). Default: exact replay's cost.")] = None,
+    check_steps: Annotated[int, typer.Option(min=0, help="Quality spot check: at this many sampled steps run one exact counterfactual step from the method's state and report the defect ratio (0 exact, 1 did nothing); 0 disables.")] = 3,
     K: Annotated[Optional[int], typer.Option("--K", min=0, help="Steps to propagate (or replay) past the last affected step; the rest is carried unchanged. Default: 800 for lmcleaner, to the end for replay.")] = None,
-    hvp: Annotated[Curvature, typer.Option(help="Curvature for lmcleaner: ggn (Gauss-Newton, PSD, default), exact (Hessian), kfac / ekfac (Kronecker-factored GGN reused for --refresh steps: cheap, residual about 1.0 on the bundled fine-tune vs ggn 0.87). Experimental, worse than doing nothing on the benchmarks (residual > 1): diag 1.52, lowrank 1.94, fisher 1.87.")] = "ggn",
+    hvp: Annotated[Curvature, typer.Option(help="Curvature for lmcleaner: ggn (Gauss-Newton, PSD, default; TOFU forget01 residual 0.214), exact (Hessian). Experimental, worse than doing nothing on TOFU forget01 (residual to retraining > 1; benchmarks/README.md): kfac 1.31 / ekfac 1.24 (Kronecker-factored GGN reused for --refresh 10 steps, 0.2x replay's cost), diag 1.78, lowrank 2.02, fisher 2.17.")] = "ggn",
     damping: Annotated[float, typer.Option(min=0.0, help="Add damping·I to the curvature: more stable, slightly biased.")] = 1e-4,
     on_divergence: Annotated[OnDivergence, typer.Option(help="When ‖v‖ blows up: stop (error naming the step) or damp (raise damping and retry).")] = "stop",
-    curvature_batch: Annotated[CurvatureBatch, typer.Option(help="retained: curvature of the batch without the forget set (exact for quadratics); full: the recorded batch (exactly linear in requests).")] = "retained",
+    curvature_batch: Annotated[CurvatureBatch, typer.Option(help="retained (default): curvature of the batch without the forget set (exact for quadratics; closer to retraining on TOFU forget01: ggn residual 0.214 vs 0.239); full: the recorded batch (exactly linear in requests: sequential requests compose exactly).")] = "retained",
     tail: Annotated[Tail, typer.Option(help="Past the K window: carry the correction unchanged (paper), or keep propagating it with a cheap reused curvature (ekfac: best measured with --K 20, residual 1.017 vs 1.091 on the early scenario).")] = "carry",
     stabilize: Annotated[bool, typer.Option(help="Clip curvature steps where η·λ > 2 so the propagation stays non-expansive (PSD curvature only).")] = True,
     rank: Annotated[int, typer.Option(min=1, help="lowrank: eigenpairs per anchor step.")] = 8,
@@ -43,6 +48,8 @@ def unlearn(
     reason: Annotated[Optional[str], typer.Option(help="Why, for the audit log (e.g. 'GDPR art. 17 request').")] = None,
     requested_by: Annotated[Optional[str], typer.Option(help="Who asked, for the audit log.")] = None,
     keep_data: Annotated[bool, typer.Option(help="Keep the forgotten samples' tokens in the store (default: scrub them; the audit record says which).")] = False,
+    outside_window: Annotated[Literal["refuse", "carry"], typer.Option(help="A store recorded with record.keep_steps keeps θ only for its last steps: a sample seen before that window is refused (refuse), or its in-window occurrences are corrected and the earlier ones left as they are (carry; the report and audit record list them).")] = "refuse",
+    exact_states: Annotated[bool, typer.Option(help="Rebuild θ[t] by recomputing each step's gradient from its stored batch instead of from the stored rows: exact for lossy stores (precision bf16/int8), one forward+backward per replayed step.")] = False,
     dry_run: Annotated[bool, typer.Option(help="Print the plan (steps touched, products needed, time estimate) and exit.")] = False,
     pending: Annotated[bool, typer.Option("--pending", help="Apply every request queued with `lmclean request` (in one sweep: their union); each is marked applied, or refused with the reason.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
@@ -63,12 +70,19 @@ def unlearn(
 
     spec = ForgetSpec(ids=forget, data=forget_data, steps=steps, level=level)
     options = UnlearnOptions(
-        method=method, K=K, fraction=fraction, noise=noise, seed=seed, device=device,
+        method=method, K=K, fraction=fraction, noise=noise, seed=seed, device=device, outside_window=outside_window,
+        budget=budget, check_steps=check_steps,
+        exact_states=exact_states,
         propagation=PropagationSettings(damping=damping, on_divergence=on_divergence, curvature_batch=curvature_batch, tail=tail, stabilize=stabilize,
                                         operator=OperatorSettings(hvp=hvp, rank=rank, refresh=refresh, anchor_fraction=anchor_fraction,
                                                                    curvature_fraction=curvature_fraction, seed=seed)))
     output = OutputSpec(out=out, overwrite=overwrite, base=base, base_unrelated=base_unrelated, merge=merge)
     who = Requester(request_id, reason, requested_by, keep_data)
+    from lmclean.dist import init_from_env
+
+    main = init_from_env().main  # under torchrun: join the group; only rank 0 reports (docs/distributed.md)
+    if init_from_env().active and (pending or dry_run):
+        raise ConfigError(f"{'--pending' if pending else '--dry-run'} runs as a single process: run it without torchrun")
     if pending:
         from lmclean.cli._pending import run_pending
 
@@ -79,11 +93,16 @@ def unlearn(
             print_json(data)
         else:
             for key, value in data.items():
-                err.print(f"{key:28s} {value}")
+                if key != "auto":
+                    err.print(f"{key:28s} {value}")
+            for line in auto_lines(data.get("auto")):
+                err.print(line)
         return
-    with progress_bar(f"{method}", total=None, fields="‖v‖ {task.fields[vnorm]:.3e}", enabled=not json_out, lazy=True) as advance:
+    with progress_bar(f"{method}", total=None, fields="‖v‖ {task.fields[vnorm]:.3e}", enabled=not json_out and main, lazy=True) as advance:
         report = run_unlearn(store, spec, options, output, who, progress=lambda t, n: advance(1, vnorm=n),
                              on_start=lambda total: advance(0, total=total))
+    if not main:
+        return
     if json_out:
         print_json(report)
         return
@@ -95,6 +114,8 @@ def unlearn(
     err.print(f"[green]unlearned[/] {len(report['forget_sample_ids'])} samples / {len(report['steps_touched'])} steps with "
               f"{report['method']} {base_line} in {report['wall_seconds']} s ({report['curvature_products']} curvature "
               f"products, ‖Δθ‖ {report['delta_norm']:.3e}); model written to {report['output']}")
+    for line in auto_lines(report.get("auto")) + quality_lines(report.get("quality"), report["method"]):
+        err.print(line)
     for note in report["notes"]:
         err.print(f"note: {note}")
     scrubbed = f"; scrubbed their tokens from {report['scrubbed_steps']} steps" if "scrubbed_steps" in report else " (data kept)"

@@ -33,6 +33,7 @@ parameters given as a dict at θ[t] through ``Objective.outputs``; the hooks bel
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -114,6 +115,27 @@ class KroneckerCurvature:
     def matvec(self, vec: Params) -> Params:
         """G v with the Kronecker/diagonal approximation G."""
         return self.from_eigenbasis([lam * c for lam, c in zip(self.eigenvalues(), self.to_eigenbasis(vec))])
+
+    def rescaled_along(self, vec: Params, gvec: Params, bounds: tuple[float, float] = (0.1, 100.0)) -> KroneckerCurvature:
+        """A copy whose eigenvalues are scaled part by part (each block, each diagonal tensor) so that
+        its quadratic form along ``vec`` equals vecᵀ(G vec) restricted to that part, ``gvec`` = G vec
+        being one exact GGN product. Why: the traces agree but along a propagated correction the GGN's
+        Rayleigh quotient is several times K-FAC's (benchmarks/README.md); the basis is kept. A part
+        where either form is not positive keeps its scale; ratios are clipped to ``bounds``."""
+        lo, hi = bounds
+
+        def ratio(exact: Tensor, approx: Tensor) -> float:
+            e, a = float(exact), float(approx)
+            return min(hi, max(lo, e / a)) if e > 0 and a > 0 else 1.0
+
+        blocks = []
+        for b in self.blocks:
+            coords = b.rotate(vec)  # (d_out, d_in')
+            exact = sum((vec[k] * gvec[k]).sum() for k in (b.weight, b.bias) if k is not None)
+            r = ratio(exact, (b.eigvals * coords * coords).sum())
+            blocks.append(dataclasses.replace(b, eigvals=b.eigvals * r))
+        diagonal = {k: d * ratio((vec[k] * gvec[k]).sum(), (d * vec[k] * vec[k]).sum()) for k, d in self.diagonal.items()}
+        return KroneckerCurvature(blocks, diagonal, self.reference)
 
     def propagate(self, v: Params, m: Params | None, lrs: Sequence[float], momentum: float = 0.0,
                   shift: float = 0.0, max_step: float | None = None) -> tuple[Params, Params | None, int]:

@@ -56,12 +56,16 @@ class LMCleanCallback(TrainerCallback):
     per step with lz4 on the 10.9M-parameter benchmark), and encoding them took writer CPU from
     training (benchmarks/README.md, "Trainer fine-tunes"). ``exact_update``
     switches a fused/foreach optimizer to torch's single-tensor path, which replay matches bitwise.
+    ``gradients="recompute"`` writes no gradient rows (θ is rebuilt by recomputing them from the
+    stored batches: docs/store-format.md). At ``on_train_begin`` of a new store the projected store
+    size and unlearning cost are logged in one line (logger ``lmclean.integrations.transformers``,
+    INFO) and kept as ``callback.projected`` (lmclean/store/projection.py: `StoreProjection`).
     """
 
     def __init__(self, store: str | Path, *, id_column: str = "id", exclude: list[int] | None = None,
                  checkpoint_every: int = 50, max_length: int | None = None, overwrite: bool = False,
                  precision: str = "fp32", codec: str = "none", save_model: bool = True,
-                 exact_update: bool = True, unlearn: dict[str, Any] | None = None) -> None:
+                 exact_update: bool = True, unlearn: dict[str, Any] | None = None, gradients: str = "stored") -> None:
         if checkpoint_every < 1:
             raise ConfigError(f"checkpoint_every={checkpoint_every} must be at least 1")
         self.unlearn = online_settings(unlearn)
@@ -70,6 +74,8 @@ class LMCleanCallback(TrainerCallback):
         self.id_column, self.exclude = id_column, sorted({int(i) for i in exclude or []})
         self.checkpoint_every, self.max_length, self.overwrite = checkpoint_every, max_length, overwrite
         self.precision, self.codec, self.save_model, self.exact_update = precision, codec, save_model, exact_update
+        self.gradients = gradients  # "recompute": no gradient rows (docs/store-format.md, record.gradients)
+        self.projected: Any = None  # the StoreProjection logged at on_train_begin (a new store)
         self.recorder: Any = None
         self.stats: Any = None  # RecordStats of the last completed run
         self._lock: Any = None
@@ -196,7 +202,8 @@ class LMCleanCallback(TrainerCallback):
         self.recorder.record_step(
             t, lr=float(self.optimizer.param_groups[0]["lr"]), loss=batch.loss, sample_ids=batch.ids,
             weights=batch.weights, input_ids=batch.input_ids, lengths=batch.lengths,
-            grad=flat_grads(self.model, self.manifest).detach().float().cpu(), grad_norm=norm, clip=clip,
+            grad=None if self.recorder.recompute else flat_grads(self.model, self.manifest).detach().float().cpu(),
+            grad_norm=norm, clip=clip,
             loss_mask=batch.loss_mask, micro=batch.micro, widths=batch.widths, theta=flat_params(self.model, self.manifest).float().cpu() if ck else None,
             opt_state=torch_optimizer_state(self.optimizer, self.model, self.manifest, self.rule) if ck else None)
         if self._norms:
@@ -222,7 +229,9 @@ class LMCleanCallback(TrainerCallback):
             raise ConfigError(f"LMCleanCallback needs the {self.id_column!r} column, which the Trainer drops: pass "
                               "TrainingArguments(remove_unused_columns=False)")
         if getattr(args, "world_size", 1) > 1 or getattr(args, "n_gpu", 1) > 1:
-            raise UnsupportedError("LMCleanCallback records single-process, single-device training only")
+            raise UnsupportedError(f"LMCleanCallback records single-process, single-device training only (this run has "
+                                   f"world_size {getattr(args, 'world_size', 1)}, n_gpu {getattr(args, 'n_gpu', 1)}): "
+                                   "train in one process, or record with `torchrun -m lmclean record` (docs/distributed.md)")
         if getattr(args, "label_smoothing_factor", 0.0):
             raise UnsupportedError("LMCleanCallback cannot record label smoothing; set label_smoothing_factor=0")
         if getattr(args, "load_best_model_at_end", False):
@@ -257,6 +266,14 @@ class LMCleanCallback(TrainerCallback):
         if not max_length:
             raise DataError("LMCleanCallback cannot tell the longest sample (rows have no input_ids); "
                             "pass LMCleanCallback(..., max_length=N)")
+        from lmclean.store.projection import project  # what this run will write and cost: one log line
+
+        self.projected = project(
+            params=self.manifest.size, steps=int(state.max_steps), max_length=int(max_length),
+            batch_size=int(args.per_device_train_batch_size * args.gradient_accumulation_steps),
+            checkpoint_every=self.checkpoint_every, state_buffers=len(self.rule.state_names()),
+            gradients=self.gradients, precision=self.precision, micro_batches=True)
+        logger.info("LMCleanCallback: %s", self.projected.line())
         if self.path.exists() and self.overwrite and (self.path / "zarr.json").exists():
             self._acquire(StoreLock(self.path, "record --overwrite (transformers.Trainer)"))
         config = {"source": SOURCE, "training_args": json.loads(args.to_json_string()),
@@ -270,7 +287,8 @@ class LMCleanCallback(TrainerCallback):
             batch_size=int(args.per_device_train_batch_size * args.gradient_accumulation_steps),
             max_length=int(max_length), checkpoint_every=self.checkpoint_every,
             extra_checkpoints=_save_steps(args, state), sample_ids=ids, fingerprints=fps,
-            precision=self.precision, codec=self.codec, config=config, model_config=_base_config(model),
+            precision=self.precision, codec=self.codec, gradients=self.gradients, config=config,
+            model_config=_base_config(model),
             pad_id=self.pad_id, excluded_ids=self.exclude, overwrite=self.overwrite,
             max_grad_norm=self.max_grad_norm or None, label_mask=True, micro_batches=True,
             extra={"model": self.model_meta, "source": SOURCE, "seed": int(args.seed), "id_column": self.id_column,

@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from lmclean.errors import StoreError
+from lmclean.errors import StoreError, UnsupportedError
 from lmclean.store import format as fmt
 from lmclean.store.codec import ChecksumError
-from lmclean.store.reader import TrajectoryStore, validate_commit
+from lmclean.store.reader import StepGrad, TrajectoryStore, validate_commit
 from lmclean.store.shard import EMPTY, read_index
 
 __all__ = ["BF16_REPLAY_RTOL", "CheckReport", "Problem", "check_store"]
@@ -29,6 +29,8 @@ __all__ = ["BF16_REPLAY_RTOL", "CheckReport", "Problem", "check_store"]
 # one: ‖Δθ‖ <= this fraction of ‖θ[c1] − θ[c0]‖ (docs/store-format.md measures 0.07% over 12
 # steps from step 0). fp32 replay must be bitwise.
 BF16_REPLAY_RTOL = 0.02
+# int8 rows (per-block absmax/127) are ~1% off per row; replay between checkpoints measured 0.4-1.1%
+LOSSY_REPLAY_RTOL = {"bf16": BF16_REPLAY_RTOL, "int8": 0.05}
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
@@ -63,8 +65,12 @@ class CheckReport:
         return {**asdict(self), "ok": self.ok}
 
 
-def check_store(path: Path | str, progress: Progress | None = None, replay: bool = True) -> CheckReport:
+def check_store(path: Path | str, progress: Progress | None = None, replay: bool = True,
+                recompute: Callable[[TrajectoryStore], StepGrad | None] | None = None) -> CheckReport:
     """Check the store at `path` (see the module docstring); `replay=False` skips the θ replay.
+    `recompute`: makes the gradient callable of a `gradients: recompute` store (the store layer
+    knows no model: lmclean.unlearn.trajectory.recompute_grad); without it such a store's replay
+    is reported as not possible.
 
     Raises only when `path` is not a readable lmclean store of this format version."""
     t0 = time.monotonic()
@@ -81,13 +87,14 @@ def check_store(path: Path | str, progress: Progress | None = None, replay: bool
     if marker is not None:
         _check_marker(store, report, marker, present)
         if replay and not report.problems:
-            _replay(store, report, marker, tick)
+            _replay(store, report, marker, tick, recompute(store) if recompute and store.recompute else None)
     report.seconds = round(time.monotonic() - t0, 3)
     return report
 
 
 def _arrays(store: TrajectoryStore) -> list[str]:
-    names = [f"steps/{n}" for n in fmt.STEP_ARRAYS if n not in fmt.OPTIONAL_STEP_ARRAYS or n in store.root["steps"]]
+    names = [f"steps/{n}" for n in fmt.STEP_ARRAYS if n in store.root["steps"]
+             or (n not in fmt.OPTIONAL_STEP_ARRAYS and not (n == "grad" and store.recompute))]  # recompute: no rows
     for group in ("checkpoints", "samples"):
         names += sorted(f"{group}/{n}" for n, _ in store.root[group].arrays())
     if "corrections" in store.root:  # correction events (lmclean/store/corrections.py), listed or not
@@ -167,7 +174,8 @@ def _check_marker(store: TrajectoryStore, report: CheckReport, marker: dict[str,
     """Every committed step has every step array's row; every listed checkpoint its rows."""
     n = marker["committed_steps"]
     for name in (f"steps/{a}" for a in fmt.STEP_ARRAYS):
-        missing = sorted(set(range(n)) - present.get(name, set()))
+        first = marker.get("retained_from", 0) if name.split("/")[1] in fmt.ROW_ARRAYS else 0  # record.keep_steps
+        missing = sorted(set(range(first, n)) - present.get(name, set()))
         if missing and name in present:
             report.problems.append(Problem(name, missing[0], f"store {store.path}: array {name} has no data at "
                                            f"committed step {missing[0]}; the store is damaged"))
@@ -200,22 +208,27 @@ def _check_marker(store: TrajectoryStore, report: CheckReport, marker: dict[str,
                                                "the store is damaged"))
 
 
-def _replay(store: TrajectoryStore, report: CheckReport, marker: dict[str, Any], tick: Progress) -> None:
-    """Replay the stored gradients from each committed checkpoint to the next; compare θ and state."""
+def _replay(store: TrajectoryStore, report: CheckReport, marker: dict[str, Any], tick: Progress,
+            grad: StepGrad | None = None) -> None:
+    """Replay the stored (or, `grad`, recomputed) gradients from each committed checkpoint to the
+    next; compare θ and state."""
     import torch
 
     cks = [c for c in marker["checkpoints"] if c <= marker["committed_steps"]]
     total = cks[-1] - cks[0] if len(cks) > 1 else 0
-    bf16 = store.meta["precision"] == "bf16"
+    # bf16 rows are rounded; gradients recomputed on an accelerator differ in the last bits (device.replay_drift)
+    on_accelerator = not str(store.meta.get("device", "cpu")).startswith("cpu")
+    bf16 = store.meta["precision"] in LOSSY_REPLAY_RTOL or (store.recompute and on_accelerator)
+    rtol = LOSSY_REPLAY_RTOL.get(store.meta["precision"], BF16_REPLAY_RTOL)
     for c0, c1 in zip(cks, cks[1:]):
         try:
             # θ[c1] before the events at c1: a checkpoint is taken before the jump at its step
-            for t, theta, state in store.iter_states(c0, c1, jump_at_stop=False):
+            for t, theta, state in store.iter_states(c0, c1, grad, jump_at_stop=False):
                 if t > c0:
                     report.steps_replayed += 1
                     tick("replaying θ", report.steps_replayed, total)
             ref_theta, ref_state = store.checkpoint(c1)
-        except StoreError as exc:
+        except (StoreError, UnsupportedError) as exc:  # UnsupportedError: a recompute step whose tokens were scrubbed
             report.problems.append(Problem("steps/grad", c1, str(exc)))
             return
         pairs = [("checkpoints/theta", theta, ref_theta),
@@ -224,7 +237,7 @@ def _replay(store: TrajectoryStore, report: CheckReport, marker: dict[str, Any],
         for name, got, ref in pairs:
             if bf16:
                 scale = float((ref_theta - start).norm()) if name == "checkpoints/theta" else float(ref.norm())
-                ok = float((got - ref).norm()) <= BF16_REPLAY_RTOL * max(scale, 1e-30)
+                ok = float((got - ref).norm()) <= rtol * max(scale, 1e-30)
             else:
                 ok = torch.equal(got, ref)
             if not ok:

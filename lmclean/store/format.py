@@ -26,13 +26,20 @@ STEP_SCALARS = ("lr", "loss", "grad_norm", "clip")
 # callback), the micro-batch index of each row and the padded width that micro-batch had. Under
 # bf16 autocast the rounding depends on the batch shape, so an exact recomputation needs them.
 MICRO_ARRAYS = ("micro", "width")
-STEP_ARRAYS = (*STEP_SCALARS, "grad", "sample_ids", "weights", "lengths", "tokens", *MICRO_ARRAYS)
-OPTIONAL_STEP_ARRAYS = ("clip", *MICRO_ARRAYS)  # absent from older stores / stores without micro-batches
+STEP_ARRAYS = (*STEP_SCALARS, "grad", "grad_scale", "sample_ids", "weights", "lengths", "tokens", *MICRO_ARRAYS)
+# absent from older stores / stores without micro-batches / stores not int8
+OPTIONAL_STEP_ARRAYS = ("clip", *MICRO_ARRAYS, "grad_scale")
 # One row per chunk: the gradient. Its chunks are stored GRAD_SHARD_ROWS to a file (Zarr v3
 # sharding, index at the start of the file with its own checksum), appended in place by the writer: on the
 # ext4 disk of the development machine creating a file costs ~0.4 ms of kernel CPU, more than
 # encoding and writing a 131k-parameter gradient row (see lmclean/store/shard.py).
-ROW_ARRAYS = ("grad",)
+ROW_ARRAYS = ("grad", "grad_scale")  # grad_scale: int8 stores only (OPTIONAL_ROW_ARRAYS)
+OPTIONAL_ROW_ARRAYS = ("grad_scale",)
+# record.precision: int8 stores steps/grad as int8 with one float32 scale per QUANT_BLOCK consecutive
+# parameters in steps/grad_scale (T, ceil(P / QUANT_BLOCK)), sharded like steps/grad: value =
+# q * scale, scale = absmax(block) / 127, q = round-half-even(g / scale) (lmclean/store/quant.py).
+QUANT_BLOCK = 256
+LOSSY_PRECISIONS = ("bf16", "int8")  # θ replayed from these gradients is approximate
 GRAD_SHARD_ROWS = 256
 GRAD_SHARD_BYTES = 1 << 30  # fewer rows per shard for large models: a shard holds at most ~1 GiB raw
 SHARD_ALIGN = 4096  # shard data offsets and row extents: the O_DIRECT alignment
@@ -52,19 +59,19 @@ def grad_codec(precision: str, codec: str) -> list[Any]:
     """Compressors of steps/grad (and, with fp32, of the checkpoints).
 
     - auto: fp32 -> blosc lz4 without shuffle (finds the cheap part: runs of exact zeros in the
-      embedding rows of absent tokens); bf16 -> blosc lz4 with bit-shuffle (a user who chose bf16
-      chose size);
+      embedding rows of absent tokens); bf16 and int8 -> blosc lz4 with bit-shuffle (a user who
+      chose a lossy precision chose size);
     - blosc: lz4 with bit-shuffle for both; zstd: zstd level 1; none: raw.
     Why not bit-shuffle fp32 by default: about 4x the writer CPU for 1.16x smaller rows, and on
     CPU training the writer's CPU is taken from training (figures: benchmarks/README.md).
     Every list ends with the crc32c checksum (`checked`).
     """
-    typesize = 2 if precision == "bf16" else 4
+    typesize = {"bf16": 2, "int8": 1}.get(precision, 4)
     if codec == "none":
         return checked([])
     if codec == "zstd":
         return checked([zc.ZstdCodec(level=1)])
-    if codec == "auto" and precision != "bf16":
+    if codec == "auto" and precision == "fp32":
         return checked([zc.BloscCodec(cname="lz4", clevel=1, shuffle="noshuffle", typesize=typesize)])
     return checked([zc.BloscCodec(cname="lz4", clevel=1, shuffle="bitshuffle", typesize=typesize)])
 
@@ -113,12 +120,29 @@ def shard_rows(array: Any) -> int | None:
     index = list(sharding.index_codecs)
     checked_index = (len(index) == 2 and isinstance(index[0], zc.BytesCodec) and isinstance(index[1], zc.Crc32cCodec)
                      and (index[0].endian is None or index[0].endian.value == "little"))
-    if (tuple(sharding.chunk_shape)[0] != 1 or tuple(sharding.chunk_shape)[1:] != tuple(array.shape)[1:]
+    grid = tuple(array.metadata.chunk_grid.chunk_shape)  # (S, width): width < P splits rows into column chunks
+    if (tuple(sharding.chunk_shape)[0] != 1 or tuple(sharding.chunk_shape)[1:] != grid[1:]
             or sharding.index_location.value != "start" or not checked_index):
         raise StoreError(f"array {array.path}: lmclean reads and writes shards of one-row chunks with a "
                          "checksummed index at the start")
     return int(array.metadata.chunk_grid.chunk_shape[0])
 
 
+def column_chunks(array: Any) -> int:
+    """How many column chunks (slices of P, one per rank that wrote them) each row of a sharded
+    array is split into; 1 for every single-process store (docs/distributed.md)."""
+    width = int(array.metadata.chunk_grid.chunk_shape[1]) if array.ndim > 1 else 1
+    return -(-int(array.shape[1]) // width) if array.ndim > 1 else 1
+
+
 def grad_dtype(precision: str) -> tuple[str, Any]:
+    """(dtype, fill) of steps/grad; int8 has no sentinel value (every byte is a valid q): a missing
+    row is detected by its shard index, as for every row."""
+    if precision == "int8":
+        return ("int8", 0)
     return ("uint16", MISSING_BF16) if precision == "bf16" else ("float32", np.float32("nan"))
+
+
+def quant_blocks(P: int) -> int:
+    """Scales per int8 gradient row: ceil(P / QUANT_BLOCK)."""
+    return -(-P // QUANT_BLOCK)

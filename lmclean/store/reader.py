@@ -31,6 +31,9 @@ if TYPE_CHECKING:  # torch (2-3 s to import) is loaded only when θ is: `inspect
     from lmclean.optim import UpdateRule
     from lmclean.params import ParamManifest
 
+StepGrad = Callable[[int, "torch.Tensor"], "torch.Tensor"]  # (t, θ[t]) -> the gradient step t applied (P,)
+
+
 @dataclass
 class StepRecord:
     step: int
@@ -76,6 +79,7 @@ class TrajectoryStore:
         self.meta: dict[str, Any] = meta
         self._readers: dict[str, _ChunkReader] = {}  # per array: direct chunk reads through the codec path
         self._seen_committed = 0  # committed steps last read from COMMIT.json (see _check_step)
+        self._retained: int | None = None  # the retained start last read (record.keep_steps)
         try:
             self._steps = self.root["steps"]
             self._ck = self.root["checkpoints"]
@@ -211,15 +215,53 @@ class TrajectoryStore:
         c = self.meta.get("max_grad_norm")
         return float(c) if c else None
 
+    @property
+    def recompute(self) -> bool:
+        """Whether the store holds no gradient rows (`record.gradients: recompute`): g[t] exists only
+        as a recomputation at θ[t], so θ is rebuilt with a gradient callable (iter_states' `grad`)."""
+        return self.meta.get("gradients", "stored") == "recompute"
+
+    def _no_rows(self, what: str) -> StoreError:
+        return StoreError(f"store {self.path} records no gradient rows (gradients: recompute), so {what} needs each "
+                          "step's gradient recomputed at θ[t]: pass grad=lmclean.unlearn.trajectory.recompute_grad(store)")
+
     def grad(self, t: int) -> torch.Tensor:
-        """Mean batch gradient g[t] as float32 (P,), decoded from the bf16 bits when stored so."""
+        """Mean batch gradient g[t] as float32 (P,), decoded from the bf16 bits when stored so (a
+        recompute store has none: StoreError)."""
         import torch
 
+        if self.recompute:
+            raise self._no_rows(f"reading g[{t}]")
         self._check_step(t)
+        if self._retained is None or t < self._retained:  # (re-read: the start only moves forward)
+            self._retained = self.retained_from
+            if t < self._retained:
+                raise self._outside_window(t, f"its gradient row g[{t}] was dropped")
         raw = self._row("steps/grad", t)
         if self.meta["precision"] == "bf16":
             return torch.from_numpy(raw.view(np.int16).copy()).view(torch.bfloat16).float()
+        if self.meta["precision"] == "int8":
+            from lmclean.store.quant import dequantize
+
+            return dequantize(raw, self._row("steps/grad_scale", t))
         return torch.from_numpy(raw.copy())
+
+    @property
+    def retained_from(self) -> int:
+        """First step whose θ and gradient the store still holds (record.keep_steps; 0: all)."""
+        return int(self.commit_state()["retained_from"])
+
+    @property
+    def keep_steps(self) -> int | None:
+        """The retention window N of record.keep_steps (None: every step kept)."""
+        from lmclean.store.retention import keep_steps_of
+
+        return keep_steps_of(self.meta)
+
+    def _outside_window(self, t: int, what: str) -> StoreError:
+        r = self.retained_from
+        return StoreError(f"store {self.path} keeps steps {r}..{self.committed_steps - 1} only (record.keep_steps: "
+                          f"{self.keep_steps}); step {t} left the window: {what}")
 
     def scalars(self, name: str) -> np.ndarray:
         """A per-step scalar array (lr, loss, grad_norm) over committed steps."""
@@ -267,21 +309,27 @@ class TrajectoryStore:
             raise StoreError(f"store {self.path} has no checkpoint at or before step {t}")
         return earlier[-1]
 
-    def iter_states(self, start: int, stop: int, grad: Callable[[int], torch.Tensor] | None = None,
+    def iter_states(self, start: int, stop: int, grad: StepGrad | None = None,
                     jump_at_stop: bool = True, device: "torch.device | str | None" = None,
                     ) -> Iterator[tuple[int, torch.Tensor, dict[str, torch.Tensor]]]:
         """Yield (t, θ[t], optimizer state before step t) for start <= t <= stop, streaming.
 
         Begins at the nearest checkpoint at or before `start` and replays the update rule on the
-        stored gradients (read with `grad`, default `self.grad`: a caller that also needs g[t] can
-        pass a caching reader so each row is decoded once); yielded tensors are reused buffers.
+        applied gradient of each step, `grad(t, θ[t])`: default the stored row (`self.grad(t)`); a
+        caller that also needs g[t] passes a caching reader so each row is decoded once, and a
+        recompute store needs one that recomputes it at θ[t] (lmclean.unlearn.trajectory.
+        recompute_grad: the store layer knows no model). Yielded tensors are reused buffers.
         θ[t] is post-jump: the correction events at t are applied before it is yielded (what step
         t's gradient was computed at); `jump_at_stop=False` yields θ[stop] before its events (the
         checkpoint's meaning: `lmclean check` compares with it). `device`: θ and the state live
         there and the update rule runs there (where training ran, with the same kernels); `grad`
         must then return gradients on that device.
         """
-        read_grad = grad or self.grad
+        if start < self.retained_from:
+            raise self._outside_window(start, f"θ[{start}] cannot be rebuilt")
+        if grad is None and self.recompute and stop > self.nearest_checkpoint(start):
+            raise self._no_rows(f"rebuilding θ[{stop}]")
+        read_grad = grad or (lambda t, theta: self.grad(t))
         if stop > self.committed_steps:
             raise StoreError(f"step {stop} is beyond the {self.committed_steps} committed steps of {self.path}")
         c = self.nearest_checkpoint(start)
@@ -297,17 +345,17 @@ class TrajectoryStore:
             if t >= start:
                 yield t, theta, state
             if t < stop:
-                self.rule.step(theta, read_grad(t), float(lrs[t]), state, t)
+                self.rule.step(theta, read_grad(t, theta), float(lrs[t]), state, t)
 
-    def theta_at(self, t: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def theta_at(self, t: int, grad: StepGrad | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """θ[t] (parameters before step t, after the correction events at t; t = committed_steps gives
-        the final θ) and its optimizer state."""
+        the final θ) and its optimizer state; `grad` as in iter_states."""
         if t in self.checkpoint_steps:
             theta, state = self.checkpoint(t)
             for dtheta, dstate in self.jumps_at(t):
                 apply_correction(theta, state, dtheta, dstate)
             return theta, state
-        for _, theta, state in self.iter_states(t, t):
+        for _, theta, state in self.iter_states(t, t, grad):
             return theta.clone(), {k: v.clone() for k, v in state.items()}
         raise StoreError(f"cannot rebuild step {t}")
 
@@ -353,22 +401,30 @@ class _ChunkReader:
         self._key = meta.encode_chunk_key
         self._ndim = arr.ndim
         self._cached: tuple[tuple[int, int, int, int], np.ndarray] | None = None
+        self.columns = fmt.column_chunks(arr) if self.shard_rows is not None else 1  # torchrun: one per rank
+        self.width = int(arr.shape[1]) if arr.ndim > 1 else 1
 
-    def key(self, index: int) -> str:
-        return self._key((index,) + (0,) * (self._ndim - 1))
+    def key(self, index: int, column: int = 0) -> str:
+        return self._key((index, column) + (0,) * (self._ndim - 2) if self._ndim > 1 else (index,))
 
     def chunk(self, index: int) -> np.ndarray | None:
         """Chunk `index` decoded (read-only), or None when its file (or its shard's row) does not
         exist; ChecksumError when it (or its shard's index) fails its checksum."""
         if self.shard_rows is not None:
             shard, row = divmod(index, self.shard_rows)
-            try:
-                data = read_row(self.dir / self.key(shard), row, self.shard_rows)
-            except ChecksumError as exc:
-                lo = shard * self.shard_rows
-                part = f"the index of shard {self.key(shard)}, steps {lo}..{min(lo + self.shard_rows, self.length) - 1}"
-                raise ChecksumError(str(exc), part) from None
-            return None if data is None else self.codec.decode(data)
+            parts = []
+            for column in range(self.columns):  # a torchrun store: each rank's slice of P (store/columns.py)
+                try:
+                    data = read_row(self.dir / self.key(shard, column), row, self.shard_rows)
+                except ChecksumError as exc:
+                    lo = shard * self.shard_rows
+                    part = (f"the index of shard {self.key(shard, column)}, steps {lo}.."
+                            f"{min(lo + self.shard_rows, self.length) - 1}")
+                    raise ChecksumError(str(exc), part) from None
+                if data is None:
+                    return None
+                parts.append(self.codec.decode(data))
+            return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)[:, : self.width]
         path = self.dir / self.key(index)
         try:
             st = path.stat()
@@ -416,13 +472,16 @@ def validate_commit(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
     if later:
         raise StoreError(f"store {path}: {fmt.COMMIT_FILE} lists checkpoint {later[0]} beyond its {n} committed "
                          f"steps; {fix}")
-    if n > 0 and 0 not in cks:
+    retained = state.get("retained_from", 0)  # record.keep_steps (lmclean/store/retention.py)
+    if isinstance(retained, bool) or not isinstance(retained, int) or not 0 <= retained <= n:
+        raise StoreError(f"store {path}: {fmt.COMMIT_FILE} has retained_from = {retained!r}, not a step in 0..{n}; {fix}")
+    if n > 0 and retained not in cks:
         raise StoreError(f"store {path}: {fmt.COMMIT_FILE} counts {n} committed steps but not the checkpoint of step "
-                         f"0 they start from; {fix}")
+                         f"{retained} they start from; {fix}")
     if not isinstance(closed, bool):
         raise StoreError(f"store {path}: {fmt.COMMIT_FILE} has closed = {closed!r}, not true or false; {fix}")
-    if closed and (n != planned or cks != plan):
+    if closed and (n != planned or cks != [c for c in plan if c >= retained]):
         raise StoreError(f"store {path}: {fmt.COMMIT_FILE} says the run is closed with {n} of {planned} steps and "
                          f"checkpoints {cks} of {plan} committed; {fix}")
     events = validate_events(path, state.get("corrections"), n, fix)
-    return {"committed_steps": n, "checkpoints": cks, "closed": closed, "corrections": events}
+    return {"committed_steps": n, "checkpoints": cks, "closed": closed, "corrections": events, "retained_from": retained}

@@ -99,7 +99,7 @@ class ShardRowArray:
     resume from a checkpoint mid-shard) keeps the rows before it and forgets those after.
     """
 
-    def __init__(self, store_path: Path, array: Any) -> None:
+    def __init__(self, store_path: Path, array: Any, column: int = 0) -> None:
         rows = fmt.shard_rows(array)
         if rows is None:
             raise StoreError(f"array {array.path} is not sharded")
@@ -107,6 +107,7 @@ class ShardRowArray:
         self.shape = tuple(int(n) for n in array.shape)
         self.rows = rows  # rows per shard file
         self.codec = array_codec(array)
+        self.column = column  # the column chunk (a slice of P, docs/distributed.md) this writes; 0: whole rows
         self.dir = store_path / array.path
         self._key = array.metadata.encode_chunk_key
         self._start = data_start(rows)
@@ -123,14 +124,14 @@ class ShardRowArray:
         self._next: int | None = None  # the row that must come next (any row first: a resume)
 
     def chunk_key(self, shard: int) -> str:
-        return self._key((shard,) + (0,) * (len(self.shape) - 1))
+        return self._key((shard, self.column) + (0,) * (len(self.shape) - 2))
 
     def chunk_path(self, shard: int) -> Path:
         return self.dir / self.chunk_key(shard)
 
     def encode(self, row: np.ndarray) -> bytes | memoryview:
-        if row.size != int(np.prod(self.shape[1:])):
-            raise StoreError(f"array {self.name}: row of shape {row.shape}, expected {self.shape[1:]}")
+        if row.size != int(np.prod(self.codec.chunk_shape[1:])):
+            raise StoreError(f"array {self.name}: row of shape {row.shape}, expected {self.codec.chunk_shape[1:]}")
         return self.codec.encode(row)
 
     def write(self, index: int, row: np.ndarray) -> None:
@@ -183,10 +184,11 @@ class ShardRowArray:
         if self._fd is not None:
             os.fdatasync(self._fd)
 
-    def first_missing(self, count: int) -> int | None:
-        """The first of rows 0..count-1 that no shard references, or None (one index read per shard;
-        an index that fails its checksum is a StoreError)."""
-        for shard in range(-(-count // self.rows)):
+    def first_missing(self, count: int, first: int = 0) -> int | None:
+        """The first of rows first..count-1 that no shard references, or None (one index read per
+        shard; an index that fails its checksum is a StoreError). `first`: a windowed store's
+        retained start (record.keep_steps): the rows before its shard were dropped."""
+        for shard in range(first // self.rows, -(-count // self.rows)):
             rows = min(self.rows, count - shard * self.rows)
             try:
                 fd = os.open(self.chunk_path(shard), os.O_RDONLY)

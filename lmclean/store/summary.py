@@ -31,7 +31,7 @@ def summarize(store: TrajectoryStore) -> dict[str, Any]:
     ids = store.all_sample_ids()
     n_samples = len(store.sample_fingerprints)
     seen = np.unique(ids[ids >= 0])
-    grad_disk = store_size_bytes(store.path, "steps/grad")
+    grad_disk = store_size_bytes(store.path, "steps/grad") + store_size_bytes(store.path, "steps/grad_scale")  # int8: + scales
     raw = committed * int(meta["param_count"]) * 4
     model_cfg = meta.get("model_config", {})
     batch = int(meta["batch_size"])
@@ -61,8 +61,11 @@ def summarize(store: TrajectoryStore) -> dict[str, Any]:
         "loss": {"first": float(losses[0]) if len(losses) else None, "last": float(losses[-1]) if len(losses) else None,
                  "sparkline": sparkline(losses)},
         "checkpoints": store.checkpoint_steps,
+        # record.keep_steps: gradient rows and θ are kept from retained_from on (None: every step)
+        "window": {"keep_steps": store.keep_steps, "retained_from": store.retained_from},
         "samples": {"in_dataset": n_samples, "seen": int(len(seen)), "excluded": len(meta.get("excluded_ids", []))},
         "precision": meta["precision"],
+        "gradients": meta.get("gradients", "stored"),  # recompute: no rows, θ rebuilt by recomputing them
         "codec": meta["codec"],
         "bytes": {"on_disk": store_size_bytes(store.path), "gradients_on_disk": grad_disk, "gradients_raw_fp32": raw,
                   "compression_vs_fp32": round(raw / grad_disk, 3) if grad_disk else None,

@@ -37,7 +37,9 @@ from lmclean.store.atomic import PARTIAL_SUFFIX, DirSync, atomic_write_json
 from lmclean.store.atomic import atomic_write_bytes as _atomic_write
 from lmclean.store.codec import array_codec, checked_chunk
 from lmclean.store.corrections import CorrectionRow, write_correction
-from lmclean.store.shard import ShardRowArray
+from lmclean.store.quant import quantize
+from lmclean.store.retention import Retention, keep_steps_of, read_retained as _read_retained
+from lmclean.store.columns import peer_columns, peer_steps, row_array, wait_for_peers
 
 
 @dataclass
@@ -45,7 +47,7 @@ class StepRow:
     step: int
     lr: float
     loss: float
-    grad: np.ndarray  # (P,) as stored: float32, or the uint16 bits of bfloat16 in a bf16 store
+    grad: np.ndarray | None  # (P,) as stored: float32, or the uint16 bits of bfloat16 in a bf16 store; None: recompute
     grad_norm: float  # ‖g‖₂ of the gradient as computed, before clipping and any rounding
     sample_ids: np.ndarray  # (b,) int64, b <= B
     weights: np.ndarray  # (b,) float64
@@ -112,9 +114,9 @@ class ChunkFiles:
             return None
         return self.codec.decode(data, f"array {self.name} chunk {self.chunk_key(index)}")
 
-    def first_missing(self, count: int) -> int | None:
-        """The first of rows 0..count-1 whose chunk file does not exist, or None."""
-        for index in range(-(-count // self.rows)):
+    def first_missing(self, count: int, first: int = 0) -> int | None:
+        """The first of rows first..count-1 whose chunk file does not exist, or None."""
+        for index in range(first // self.rows, -(-count // self.rows)):
             if not self.chunk_path(index).is_file():
                 return index * self.rows
         return None
@@ -195,8 +197,17 @@ def create_layout(path: Path, meta: dict[str, Any], P: int, T: int, B: int, L: i
         steps.create_array(name, shape=(T,), chunks=(R,), dtype="float64", fill_value=np.nan, compressors=fmt.INT_CODEC, **flat)
     gdtype, gfill = fmt.grad_dtype(precision)
     S = fmt.grad_shard_rows(P, np.dtype(gdtype).itemsize, max(T, 1))
-    steps.create_array("grad", shape=(T, P), chunks=(S, P), dtype=gdtype, fill_value=gfill,
-                       serializer=fmt.grad_serializer(precision, codec, P), compressors=None, **flat)
+    keep = keep_steps_of(meta)
+    if keep:  # a window drops whole shard files: smaller shards keep the window tighter
+        S = max(1, min(S, -(-keep // 4)))
+    if meta.get("gradients", "stored") != "recompute":  # recompute: no gradient rows at all (reader.py)
+        W = -(-P // max(1, int(meta.get("grad_columns", 1))))  # torchrun: one column chunk (slice of P) per rank
+        steps.create_array("grad", shape=(T, P), chunks=(S, W), dtype=gdtype, fill_value=gfill,
+                           serializer=fmt.grad_serializer(precision, codec, W), compressors=None, **flat)
+        if precision == "int8":  # the per-block scales, sharded as the rows they scale
+            nb = fmt.quant_blocks(P)
+            steps.create_array("grad_scale", shape=(T, nb), chunks=(S, nb), dtype="float32", fill_value=np.nan,
+                               serializer=fmt.grad_serializer("fp32", "none", nb), compressors=None, **flat)
     steps.create_array("sample_ids", shape=(T, B), chunks=(R, B), dtype="int64", fill_value=fmt.MISSING_INT,
                        compressors=fmt.INT_CODEC, **flat)
     steps.create_array("weights", shape=(T, B), chunks=(R, B), dtype="float64", fill_value=np.nan,
@@ -235,7 +246,11 @@ class StoreWriter:
         meta = root.attrs[fmt.META_KEY]
         self._plan = list(meta["checkpoint_plan"])
         steps = root["steps"]
-        self._rows = {name: ShardRowArray(self.path, steps[name]) for name in fmt.ROW_ARRAYS}
+        self._rows = {name: row_array(self.path, steps[name]) for name in fmt.ROW_ARRAYS if name in steps}
+        self._peers = peer_columns(steps["grad"]) if "grad" in steps else 0  # torchrun: ranks writing grad columns
+        self._int8 = meta["precision"] == "int8"  # rows arrive as float32 and are quantized here
+        self._retention = Retention(self.path, meta, self._plan, self._rows["grad"].rows if "grad" in self._rows else 1,
+                                    _read_retained(self.path))
         # (a store written before steps/clip existed has no such array: its steps are all unclipped)
         self._blocks = {name: BlockArray(self.path, steps[name], committed_steps) for name in fmt.BLOCK_ARRAYS
                         if name in steps}
@@ -245,7 +260,7 @@ class StoreWriter:
             _remove_partials(arr.dir)  # temp files of a writer that was killed mid-write
         self._B = self._blocks["sample_ids"].shape[1]
         self._L = self._tokens.shape[2]
-        self._P = self._rows["grad"].shape[1]
+        self._P = int(root["checkpoints/theta"].shape[1])
         self.committed_steps = committed_steps
         self.checkpoints = sorted(checkpoints or [])
         self.corrections = list(corrections or [])  # COMMIT.json's events (lmclean/store/corrections.py)
@@ -264,8 +279,8 @@ class StoreWriter:
         # Last in, first out: while the writer keeps up only the first few buffers are ever used,
         # and np.zeros leaves the others unmapped (no memory for a large model's idle buffers).
         self._pool: queue.LifoQueue[np.ndarray] = queue.LifoQueue()
-        for _ in range(max(1, queue_size) + 2):
-            self._pool.put(np.zeros(self._P, dtype=self._rows["grad"].codec.dtype))
+        for _ in range(max(1, queue_size) + 2 if "grad" in self._rows else 0):  # none: gradients recomputed
+            self._pool.put(np.zeros(self._P, dtype=np.float32 if self._int8 else self._rows["grad"].codec.dtype))
         self._stopping = threading.Event()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="lmclean-store-writer", daemon=True)
@@ -313,6 +328,9 @@ class StoreWriter:
         self._queue.put(None)
         self._thread.join()
         self._raise_if_failed()
+        if self._peers:  # torchrun: commit again once every rank's columns of every step are durable
+            wait_for_peers(self.path, self._peers, self.committed_steps)
+            self._commit()
 
     def abort(self) -> None:
         """Write and commit what is queued, then stop, without raising (another exception propagates)."""
@@ -350,7 +368,7 @@ class StoreWriter:
                 except BaseException as exc:  # noqa: BLE001 - re-raised on the training thread
                     self._error = exc
                 finally:
-                    if isinstance(item, StepRow) and item.pooled:
+                    if isinstance(item, StepRow) and item.pooled and item.grad is not None:
                         self._pool.put(item.grad)  # encoded and written (or dropped): free again
                 if self._queue.empty():  # let a few steps queue up: fewer wake-ups on busy cores
                     if self._error is None:
@@ -409,7 +427,10 @@ class StoreWriter:
             raise StoreError(f"step {t} recorded out of order: the store expects step {self.committed_steps} next")
         if b > self._B or (b and row.tokens.shape[1] > self._L):
             raise StoreError(f"step {t}: batch of {b}x{row.tokens.shape[1]} exceeds the store's {self._B}x{self._L}")
-        if row.grad.shape != (self._P,):
+        if ("grad" in self._rows) != (row.grad is not None):
+            raise StoreError(f"step {t}: store {self.path} " + ("records gradient rows; pass the step's gradient" if "grad" in
+                             self._rows else "recomputes gradients (gradients: recompute); pass no gradient row"))
+        if row.grad is not None and row.grad.shape != (self._P,):
             raise StoreError(f"step {t}: gradient of shape {row.grad.shape}, the store expects ({self._P},)")
         ids = np.full(self._B, -1, dtype=np.int64)
         ids[:b] = row.sample_ids
@@ -417,7 +438,13 @@ class StoreWriter:
         if b:
             toks[:b, : row.tokens.shape[1]] = row.tokens
         r, k = self._rows, self._blocks
-        r["grad"].write(t, row.grad)
+        if row.grad is not None:  # None: a `gradients: recompute` store
+            if self._int8:
+                q, scale = quantize(row.grad)
+                r["grad"].write(t, q)
+                r["grad_scale"].write(t, scale)
+            else:
+                r["grad"].write(t, row.grad)
         self._pending_tokens.append((t, toks))  # put in their block at the commit, after the sample ids
         self._pending_bytes += toks.nbytes
         w = np.zeros(self._B, dtype=np.float64)
@@ -464,14 +491,24 @@ class StoreWriter:
         self._pending_bytes = 0
         pending.sync()
         # a checkpoint counts once the steps before it do (a misused Recorder can send it early)
-        listed = [c for c in self.checkpoints if c <= self.committed_steps]
-        marker: dict[str, Any] = {"committed_steps": self.committed_steps, "checkpoints": listed, "closed": closed}
-        events = [e for e in self.corrections if e["step"] <= self.committed_steps]
+        n = self.committed_steps  # torchrun: only steps whose every column chunk is durable (store/columns.py)
+        if self._peers:
+            n = min(n, peer_steps(self.path, self._peers))
+        listed = [c for c in self.checkpoints if c <= n]
+        retained = self._retention.start(n, listed)
+        listed = [c for c in listed if c >= retained]
+        marker: dict[str, Any] = {"committed_steps": n, "checkpoints": listed, "closed": closed}
+        if retained:  # (absent: every step kept, the marker of a plain store stays as it was)
+            marker["retained_from"] = retained
+        events = [e for e in self.corrections if e["step"] <= n]
         if events:  # (absent when there are none: the marker of a plain store stays as it was)
             marker["corrections"] = events
         atomic_write_json(self.path / fmt.COMMIT_FILE, marker)
         self._last_commit = time.monotonic()
-        self._dirty = False
+        self._dirty = n < self.committed_steps
+        if retained:  # after the marker no longer lists them: a crash in between leaves only garbage
+            self.checkpoints = [c for c in self.checkpoints if c >= retained]
+            self._retention.drop_before(retained, self._rows.values(), self._ck.values())
 
     def _write_staged(self) -> None:
         for arr in self._rows.values():
@@ -484,7 +521,8 @@ class StoreWriter:
     def verify(self) -> None:
         """After close: every committed step and checkpoint has all its chunk files (else StoreError)."""
         for arr in (*self._rows.values(), *self._blocks.values(), self._tokens):
-            missing = arr.first_missing(self.committed_steps)
+            first = self._retention.retained if arr in self._rows.values() else 0
+            missing = arr.first_missing(self.committed_steps, first)
             if missing is not None:
                 raise StoreError(f"store {self.path}: array {arr.name} has no chunk for committed step {missing}")
         for step in self.checkpoints:

@@ -151,9 +151,10 @@ def _record_jump(store: TrajectoryStore, current: Path, history: Any) -> dict[st
     from lmclean.params import flat_params
     from lmclean.train.recorder import Recorder
     from lmclean.unlearn.service import load_optimizer_delta
+    from lmclean.unlearn.trajectory import recompute_grad
 
     T = store.committed_steps
-    theta_T, state_T = store.theta_at(T)  # after any event already at T (a continue re-run after a crash)
+    theta_T, state_T = store.theta_at(T, grad=recompute_grad(store))  # after any event already at T (a continue re-run after a crash)
     model = load_for_store(store, current)
     store.manifest.check_model(model, f"model {current}")
     theta_hat = flat_params(model, store.manifest).detach().float().cpu()

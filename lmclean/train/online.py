@@ -240,6 +240,10 @@ class OnlineRequests:
             record = self._audit(t, reqs, rid, method, result, recovered, correction, seconds)
         crash_point("request:after-audit")
         self._sync_writer(t)  # the scrub rewrites token chunks the writer also writes
+        from lmclean.store.reader import TrajectoryStore
+        from lmclean.unlearn.trajectory import pin_before_scrub
+
+        pin_before_scrub(TrajectoryStore(self.store), ids)  # a recompute store keeps g[t] of the steps it scrubs
         scrub_samples(self.store, ids, int(record["seq"]))
         self._reload_token_block()
         for r in reqs:

@@ -47,6 +47,7 @@ class Recorder:
         self.writer = writer
         self.plan = list(meta["checkpoint_plan"])
         self.precision = meta["precision"]
+        self.recompute = meta.get("gradients", "stored") == "recompute"  # no gradient rows are written
         self._saved: set[int] = set()
         self._next_correction = 1 + max((e["index"] for e in writer.corrections), default=-1)
 
@@ -58,12 +59,17 @@ class Recorder:
                tokenizer: str = "external", pad_id: int = 0, excluded_ids: list[int] | None = None,
                overwrite: bool = False, queue_size: int = 8, extra: dict[str, Any] | None = None,
                max_grad_norm: float | None = None, label_mask: bool = False,
-               extra_checkpoints: list[int] | None = None, micro_batches: bool = False) -> "Recorder":
+               extra_checkpoints: list[int] | None = None, micro_batches: bool = False,
+               gradients: str = "stored") -> "Recorder":
         """A new store. `max_grad_norm`: the run clips gradients to this norm (record_step gets the
         clipped gradient and the factor); `label_mask`: batches carry a loss mask (record_step's
         `loss_mask`); `extra_checkpoints`: steps checkpointed besides every `checkpoint_every`
         (e.g. where a Trainer saves, so its resume can reopen the store there); `micro_batches`:
-        record_step gets each row's micro-batch index and padded width (gradient accumulation)."""
+        record_step gets each row's micro-batch index and padded width (gradient accumulation);
+        `gradients`: "stored" writes every step's gradient row, "recompute" none (θ[t] is rebuilt by
+        recomputing them from the stored batches: docs/store-format.md)."""
+        if gradients not in ("stored", "recompute"):
+            raise DataError(f"gradients={gradients!r} is not a storage mode; use 'stored' or 'recompute'")
         path = Path(path)
         if path.exists():
             if not overwrite:
@@ -98,6 +104,7 @@ class Recorder:
             "max_grad_norm": float(max_grad_norm) if max_grad_norm else None,
             "label_mask": bool(label_mask),
             "micro_batches": bool(micro_batches),
+            "gradients": gradients,
             **(extra or {}),
         }
         fps = np.array([np.frombuffer(bytes.fromhex(f), dtype=np.uint8) for f in fingerprints], dtype=np.uint8).reshape(-1, 32)
@@ -163,7 +170,7 @@ class Recorder:
 
     def record_step(self, step: int, *, lr: float, loss: float, sample_ids: list[int] | np.ndarray,
                     weights: list[float] | np.ndarray | torch.Tensor, input_ids: torch.Tensor,
-                    lengths: torch.Tensor, grad: torch.Tensor, theta: torch.Tensor | None = None,
+                    lengths: torch.Tensor, grad: torch.Tensor | None, theta: torch.Tensor | None = None,
                     opt_state: dict[str, torch.Tensor] | None = None, loss_mask: torch.Tensor | None = None,
                     grad_norm: float | None = None, clip: float = 1.0, micro: list[int] | None = None,
                     widths: list[int] | None = None) -> None:
@@ -182,7 +189,9 @@ class Recorder:
         if b > self.meta["batch_size"] or (b and input_ids.shape[1] > self.meta["max_length"]):
             raise DataError(f"step {step}: batch {tuple(input_ids.shape)} exceeds the store's batch_size "
                             f"{self.meta['batch_size']} x max_length {self.meta['max_length']}")
-        if grad.numel() != self.meta["param_count"]:
+        if grad is None and not self.recompute:
+            raise DataError(f"step {step}: store {self.path} records gradient rows (gradients: stored); pass grad")
+        if grad is not None and grad.numel() != self.meta["param_count"]:
             raise ModelMismatchError(f"step {step}: gradient has {grad.numel()} entries, the manifest {self.meta['param_count']}")
         if self.needs_checkpoint(step):
             if theta is None:
@@ -197,6 +206,10 @@ class Recorder:
             tokens = torch.where(loss_mask.detach().cpu().bool(), tokens, -tokens - 1)  # non-targets as −(id + 1)
         elif loss_mask is not None and not bool(loss_mask.all()):
             raise DataError(f"step {step}: a loss mask was given but the store was created without label_mask=True")
+        if self.recompute:  # nothing of the gradient is kept but its norm (g may be None when grad_norm is given)
+            norm = float(grad_norm) if grad_norm is not None else float(torch.linalg.vector_norm(grad.detach()))
+            self.writer.put(self._row(step, lr, loss, None, norm, clip, micro, widths, sample_ids, w, tokens, lengths))
+            return
         g = grad.detach().reshape(-1)
         copied = None
         if g.device.type == "cuda":  # into a pinned staging buffer, asynchronously: it overlaps the wait for a writer buffer
@@ -219,12 +232,18 @@ class Recorder:
             torch.from_numpy(stored.view(np.int16)).view(torch.bfloat16).copy_(g)  # rounds to nearest even
         else:
             torch.from_numpy(stored).copy_(g)
-        self.writer.put(StepRow(
-            step=step, lr=float(lr), loss=float(loss), grad=stored, grad_norm=norm, pooled=True, clip=float(clip),
-            micro=None if micro is None else np.asarray(micro, dtype=np.int32),
+        self.writer.put(self._row(step, lr, loss, stored, norm, clip, micro, widths, sample_ids, w, tokens, lengths))
+
+    @staticmethod
+    def _row(step: int, lr: float, loss: float, stored: np.ndarray | None, norm: float, clip: float,
+             micro: list[int] | None, widths: list[int] | None, sample_ids: list[int] | np.ndarray, w: np.ndarray,
+             tokens: torch.Tensor, lengths: torch.Tensor) -> StepRow:
+        return StepRow(
+            step=step, lr=float(lr), loss=float(loss), grad=stored, grad_norm=norm, pooled=stored is not None,
+            clip=float(clip), micro=None if micro is None else np.asarray(micro, dtype=np.int32),
             width=None if widths is None else np.asarray(widths, dtype=np.int32),
             sample_ids=np.asarray(sample_ids, dtype=np.int64), weights=w.astype(np.float64),
-            tokens=tokens.numpy(), lengths=lengths.detach().cpu().numpy().astype(np.int32)))
+            tokens=tokens.numpy(), lengths=lengths.detach().cpu().numpy().astype(np.int32))
 
     def close(self, final_step: int, theta: torch.Tensor, opt_state: dict[str, torch.Tensor],
               before_closed: Callable[[], None] | None = None) -> RecordStats:
@@ -244,7 +263,7 @@ class Recorder:
         return RecordStats(
             steps=committed, bytes_on_disk=store_size_bytes(self.path),
             bytes_raw_grads=committed * int(self.meta["param_count"]) * 4,
-            grad_bytes_on_disk=store_size_bytes(self.path, "steps/grad"),
+            grad_bytes_on_disk=store_size_bytes(self.path, "steps/grad") + store_size_bytes(self.path, "steps/grad_scale"),
             writer_cpu_seconds=self.writer.cpu_seconds)
 
     def abort(self) -> None:

@@ -28,6 +28,8 @@ from lmclean.train.model import fresh_model, load_model
 from lmclean.optim import lr_at, make_rule
 from lmclean.train.online import OnlineRequests
 from lmclean.train.recorder import Recorder, RecordStats
+from lmclean import dist
+from lmclean.train import distributed
 
 StepCallback = Callable[[int, int, float, float], None]  # (step, total, loss, lr)
 StartCallback = Callable[[int, int], None]  # (first step, total): set-up done, training starts
@@ -106,18 +108,34 @@ def train(cfg: LmcleanConfig, store: Path | None, *, exclude: list[int] | None =
     """Train and record into `store` (None: train only), holding the store lock, and append the
     run to the store's audit log ("record" or "resume"). `more`: data files added at later steps
     (path, first step), as `record --continue --data` leaves them (a resume reads them from the store)."""
-    from lmclean.audit import finish_pending_scrub, record_event
-    from lmclean.store.append import finish_pending_growth
-    from lmclean.store.lock import StoreLock
-
     kwargs = dict(exclude=exclude, overwrite=overwrite, base=base, on_step=on_step, save_final=save_final,
                   on_start=on_start, more=more)
     if store is None:
         with deterministic(resolve_device(cfg.train.device)):  # CUDA: the kernels replay will run
             return _train(cfg, None, resume=False, **kwargs)
     store = Path(store)
+    d = dist.current()  # torchrun: rank 0 does all of the below; the others train their shares (docs/distributed.md)
+    if d.active:
+        distributed.refuse_unsupported(cfg, resume, d)
+        distributed.reset_gate(d)
+        if not d.main:
+            with deterministic(resolve_device(cfg.train.device)):
+                return distributed.run_peer(lambda: _train(cfg, store, resume=False, **kwargs), d)
+    try:
+        return _train_locked(cfg, store, resume, exclude, kwargs, d)
+    except BaseException as exc:
+        distributed.fail_gate(d, exc)  # peers still waiting for the store: they stop too
+        raise
+
+
+def _train_locked(cfg: LmcleanConfig, store: Path, resume: bool, exclude: list[int] | None, kwargs: dict[str, Any],
+                  d: dist.Dist) -> TrainResult:
+    from lmclean.audit import finish_pending_scrub, record_event
+    from lmclean.store.append import finish_pending_growth
+    from lmclean.store.lock import StoreLock
     from lmclean.store.swap import finish_pending_swap
 
+    on_start, overwrite = kwargs["on_start"], kwargs["overwrite"]
     finish_pending_swap(store)  # a reconcile interrupted after its commit point
     holder: list[StoreLock] = []
     if (store / "zarr.json").exists() and (resume or overwrite):
@@ -153,6 +171,7 @@ def train(cfg: LmcleanConfig, store: Path | None, *, exclude: list[int] | None =
         record_event(store, "resume" if resume else "record", cfg, result.steps, result.model_dir,
                      time.perf_counter() - began, start_step=result.start_step if resume else None,
                      excluded_ids=sorted(exclude or []))
+        d.barrier()  # torchrun: the peers return once the store is closed and audited
         return result
     finally:
         if holder:
@@ -181,9 +200,13 @@ def _train(cfg: LmcleanConfig, store: Path | None, *, exclude: list[int] | None 
     start = 0
     recorder: Any
     model_meta = describe_for_store(run.model) if store is not None else None  # meta["model"]
-    online = OnlineRequests.open(cfg, store, resume)  # deletion requests at step boundaries (before the reopen)
+    d = dist.current() if store is not None else dist.Dist()
+    # deletion requests at step boundaries (before the reopen); torchrun: applied by `unlearn --pending` instead
+    online = None if d.active else OnlineRequests.open(cfg, store, resume)
     if store is None:
         recorder, save_final = _NullRecorder(), False
+    elif not d.main:  # torchrun rank r > 0: writes its gradient columns only
+        recorder, save_final = distributed.peer_recorder(store, d, cfg.record.queue_size), False
     elif resume:
         recorder, start = _reopen(store, cfg, sorted(excluded), theta, state, run)
         excluded = excluded | set(recorder.meta.get("dropped_ids", []))  # forgotten before `record --continue`
@@ -195,15 +218,16 @@ def _train(cfg: LmcleanConfig, store: Path | None, *, exclude: list[int] | None 
             precision=cfg.record.precision, codec=cfg.record.codec, config=config_mod.to_dict(cfg),
             model_config=run.model.config.to_dict(), tokenizer=cfg.tokenizer,
             pad_id=run.tokenizer.pad_token_id or 0, excluded_ids=sorted(excluded), overwrite=overwrite,
-            queue_size=cfg.record.queue_size, extra={"data_path": str(run.dataset.path), "seed": cfg.seed,
+            queue_size=cfg.record.queue_size, gradients=cfg.record.gradients, extra={"data_path": str(run.dataset.path), "seed": cfg.seed,
                    "truncated_samples": run.dataset.truncated, "model": model_meta,
-                   "device": str(device), "autocast": autocast,
+                   "device": str(device), "autocast": autocast, **distributed.store_meta(d),
                    **({"data_segments": segments_meta(run.dataset)} if run.dataset.more else {})})
+        distributed.start_gate(d)
     loss_value = float("nan")
     try:
         if on_start:
             on_start(start, total)
-        if store is not None:  # the frozen base the store's adapters need (STORE/base when it has no directory)
+        if store is not None and d.main:  # the frozen base the store's adapters need (STORE/base when it has no directory)
             ensure_base(run.model, Path(store), model_meta, recorder.meta.get("model", {"kind": "full"}))
         began = time.perf_counter()
         if online is not None:
@@ -217,16 +241,16 @@ def _train(cfg: LmcleanConfig, store: Path | None, *, exclude: list[int] | None 
             input_ids, lengths, weights = batch_tensors(run, kept, 1.0 / len(batch))
             for p in run.model.parameters():
                 p.grad = None
-            if kept:
-                obj = CausalLMObjective(run.model, input_ids.to(device), lengths.to(device),
-                                        weights.to(device, float_dtype_on(device)), autocast=autocast)
+
+            def share(rows: slice) -> tuple[float, torch.Tensor]:  # torchrun: this rank's rows of the step
+                obj = CausalLMObjective(run.model, input_ids[rows].to(device), lengths[rows].to(device),
+                                        weights[rows].to(device, float_dtype_on(device)), autocast=autocast)
                 loss = obj.loss_from_outputs(obj.outputs(dict(run.model.named_parameters())))
                 loss.backward()
-                loss_value = float(loss.detach())
-                grad = flat_grads(run.model, run.manifest)
-            else:  # every sample of this step is excluded: the step still happens, with no data term
-                loss_value = 0.0
-                grad = torch.zeros_like(theta)
+                return float(loss.detach()), flat_grads(run.model, run.manifest)
+
+            # every sample of a step excluded: the step still happens, with no data term (zero gradient)
+            loss_value, grad = distributed.share_grad(d, len(kept), share, lambda: torch.zeros_like(theta))
             recorder.record_step(t, lr=lr, loss=loss_value, sample_ids=kept, weights=weights,
                                  input_ids=input_ids, lengths=lengths, grad=grad, theta=theta, opt_state=state)
             with torch.no_grad():

@@ -26,8 +26,10 @@ from lmclean.unlearn.trajectory import Trajectory
 Progress = Callable[[int, float], None]
 
 
-def rollback(traj: Trajectory, forget: ForgetSet, progress: Progress | None = None) -> SweepResult:
-    """Amnesiac / TIM: subtract each affected step's share of its update, with no propagation."""
+def rollback(traj: Trajectory, forget: ForgetSet, progress: Progress | None = None,
+             keep: frozenset[int] = frozenset()) -> SweepResult:
+    """Amnesiac / TIM: subtract each affected step's share of its update, with no propagation.
+    `keep`: steps before which to keep the correction so far (SweepResult.kept, for the spot check)."""
     affected = forget.affected(traj)
     tau = traj.n_steps
     delta = torch.zeros(traj.manifest.size)
@@ -36,9 +38,11 @@ def rollback(traj: Trajectory, forget: ForgetSet, progress: Progress | None = No
         result.notes.append("no recorded step contains the forget set: nothing to do")
         return result
     for t, theta, state in traj.states(min(affected), max(affected)):
+        delta = delta.to(theta.device, theta.dtype)
+        if t in keep:
+            result.kept[t] = (delta.clone(), {})
         if t not in affected:
             continue
-        delta = delta.to(theta.device, theta.dtype)
         info = traj.batch(t)
         if t in forget.steps:
             u, _ = update_of_step(traj, t, theta, state, info.lr)
@@ -52,13 +56,16 @@ def rollback(traj: Trajectory, forget: ForgetSet, progress: Progress | None = No
             result.gradients += 1
         if progress:
             progress(t, float(torch.linalg.vector_norm(delta)))
+    if max(affected) + 1 in keep:
+        result.kept[max(affected) + 1] = (delta.clone(), {})
     result.delta = delta
     return result
 
 
 def replay(traj: Trajectory, forget: ForgetSet, K: int | None = None, fraction: float | None = None,
-           seed: int = 0, progress: Progress | None = None) -> SweepResult:
-    """Re-run steps first..stop−1 without F from θ[first]; carry θ' − θ[stop] onto θ[τ]."""
+           seed: int = 0, progress: Progress | None = None, keep: frozenset[int] = frozenset()) -> SweepResult:
+    """Re-run steps first..stop−1 without F from θ[first]; carry θ' − θ[stop] onto θ[τ].
+    `keep`: steps before which to keep θ' − θ (SweepResult.kept, for the spot check)."""
     if fraction is not None and not 0 < fraction <= 1:
         raise ConfigError(f"--fraction {fraction} must be in (0, 1]")
     affected = forget.affected(traj)
@@ -71,6 +78,9 @@ def replay(traj: Trajectory, forget: ForgetSet, K: int | None = None, fraction: 
     result = SweepResult(torch.zeros(0), method, sorted(affected), (first, stop))
     for step in replay_steps(traj, forget, first, stop, fraction=fraction, seed=seed, result=result,
                              affected=affected):
+        if step.t in keep:
+            result.kept[step.t] = (step.theta - step.recorded,
+                                   {k: step.state[k] - step.recorded_state[k] for k in step.recorded_state})
         if step.t == stop:
             result.delta = step.theta - step.recorded
             result.state_delta = {k: step.state[k] - step.recorded_state[k] for k in step.recorded_state}  # carried too
@@ -138,11 +148,18 @@ def replay_steps(traj: Trajectory, forget: ForgetSet, first: int, stop: int, *, 
 
 
 def _loss_and_grad(obj: Objective, manifest: ParamManifest, theta: torch.Tensor) -> tuple[float, torch.Tensor]:
-    """(L(θ), ∇L(θ)): `flat_grad` that also returns the loss, which a recorded row holds."""
-    leaf = theta.detach().clone().requires_grad_(True)
-    loss = obj.loss_from_outputs(obj.outputs(manifest.views(leaf)))
-    (g,) = torch.autograd.grad(loss, leaf)
-    return float(loss.detach()), g
+    """(L(θ), ∇L(θ)): `flat_grad` that also returns the loss, which a recorded row holds (under
+    torchrun both summed over the ranks' shares, as one vector: unlearn/sharded.py)."""
+    from lmclean.unlearn.sharded import summed
+
+    def loss_and_grad(part: Objective) -> torch.Tensor:
+        leaf = theta.detach().clone().requires_grad_(True)
+        loss = part.loss_from_outputs(part.outputs(manifest.views(leaf)))
+        (g,) = torch.autograd.grad(loss, leaf)
+        return torch.cat([g, loss.detach().reshape(1).to(g.dtype)])
+
+    both = summed(obj, loss_and_grad, lambda: torch.zeros(theta.numel() + 1, dtype=theta.dtype, device=theta.device))
+    return float(both[-1]), both[:-1]
 
 
 def _undo_jumps(traj: Trajectory, t: int, theta: torch.Tensor, state: dict[str, torch.Tensor]) -> None:

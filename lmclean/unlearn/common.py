@@ -19,6 +19,9 @@ class ForgetSet:
 
     sample_ids: set[int] = field(default_factory=set)
     steps: set[int] = field(default_factory=set)
+    # occurrences before this step are carried, not corrected: a windowed store (record.keep_steps)
+    # no longer holds θ there, and the user accepted it (`--outside-window carry`, unlearn/request.py)
+    from_step: int = 0
 
     @property
     def level(self) -> str:
@@ -33,10 +36,11 @@ class ForgetSet:
             raise DataError(f"step {bad[0]} is not a recorded step (0..{stop - 1})")
         out = {t: ids for t, ids in traj.occurrences(self.sample_ids).items() if t < stop} if self.sample_ids else {}
         out.update({t: [int(i) for i in traj.batch(t).sample_ids] for t in self.steps})
-        return dict(sorted(out.items()))
+        return {t: ids for t, ids in sorted(out.items()) if t >= self.from_step}
 
     def union(self, other: ForgetSet) -> ForgetSet:
-        return ForgetSet(self.sample_ids | other.sample_ids, self.steps | other.steps)
+        return ForgetSet(self.sample_ids | other.sample_ids, self.steps | other.steps,
+                         max(self.from_step, other.from_step))
 
 
 @dataclass
@@ -55,17 +59,25 @@ class SweepResult:
     # the optimizer state that belongs to θ̂: buffer name -> (P,) change of the recorded final state
     # (missing names: unchanged). `record --continue` trains on from θ̂ with it.
     state_delta: dict[str, Tensor] = field(default_factory=dict)
+    # step t -> (θ̂[t] − θ[t], Δ optimizer state) before step t, at the steps a quality spot check asked
+    # the sweep to keep (lmclean/unlearn/quality.py)
+    kept: dict[int, tuple[Tensor, dict[str, Tensor]]] = field(default_factory=dict)
 
 
 def flat_grad(obj: Objective, manifest: ParamManifest, theta: Tensor) -> Tensor:
     """∇L(θ) (P,) for an objective at a flat parameter vector.
 
     Plain reverse-mode autograd: on eager Transformers models it is ~15x faster than torch.func.grad.
+    Under torchrun each rank takes its share of the samples and the shares are summed (unlearn/sharded.py).
     """
-    leaf = theta.detach().clone().requires_grad_(True)  # (P,)
-    loss = obj.loss_from_outputs(obj.outputs(manifest.views(leaf)))
-    (g,) = torch.autograd.grad(loss, leaf)
-    return g
+    from lmclean.unlearn.sharded import summed
+
+    def grad_of(part: Objective) -> Tensor:
+        leaf = theta.detach().clone().requires_grad_(True)  # (P,)
+        (g,) = torch.autograd.grad(part.loss_from_outputs(part.outputs(manifest.views(leaf))), leaf)
+        return g
+
+    return summed(obj, grad_of, lambda: torch.zeros_like(theta))
 
 
 def update_of_step(traj: Trajectory, t: int, theta: Tensor, state: dict[str, Tensor], lr: float) -> tuple[Tensor, dict[str, Tensor]]:

@@ -116,12 +116,15 @@ def adamw_tangent(rule: AdamWRule, t: int, lr: float, grad: torch.Tensor, state:
     v.mul_(1 - (lr * scale) * wd).sub_((dm / denom - m_new * d_denom / denom**2) * ((lr / b1) * scale))
 
 
-def propagate(traj: Trajectory, forget: ForgetSet, settings: PropagationSettings, progress: Progress | None = None) -> SweepResult:
-    """One sweep; on divergence either raise DivergenceError or retry with more damping."""
+def propagate(traj: Trajectory, forget: ForgetSet, settings: PropagationSettings, progress: Progress | None = None,
+              keep: frozenset[int] = frozenset()) -> SweepResult:
+    """One sweep; on divergence either raise DivergenceError or retry with more damping.
+    `keep`: steps before which to keep v and the state perturbation (SweepResult.kept, for the spot
+    check); those steps are never folded into a closed-form window."""
     damping = settings.damping
     for attempt in range(4):
         try:
-            result = _sweep(traj, forget, settings, damping, progress)
+            result = _sweep(traj, forget, settings, damping, progress, keep)
             if attempt:
                 result.notes.append(f"diverged {attempt} time(s); damping raised to {damping:g}")
                 result.divergence = f"recovered with damping {damping:g}"
@@ -134,7 +137,7 @@ def propagate(traj: Trajectory, forget: ForgetSet, settings: PropagationSettings
 
 
 def _sweep(traj: Trajectory, forget: ForgetSet, settings: PropagationSettings, damping: float,
-           progress: Progress | None) -> SweepResult:
+           progress: Progress | None, keep: frozenset[int] = frozenset()) -> SweepResult:
     rule = require_supported(traj, forget)
     adam = isinstance(rule, AdamWRule)
     affected = forget.affected(traj)
@@ -192,6 +195,11 @@ def _sweep(traj: Trajectory, forget: ForgetSet, settings: PropagationSettings, d
         pending.clear()
         record(t)
 
+    def keep_state(t: int) -> None:
+        if t in keep and v is not None:
+            moved = {"exp_avg": m, "exp_avg_sq": s2} if adam else {"momentum_buffer": m} if rule.momentum else {}
+            result.kept[t] = (v.clone(), {k: x.clone() for k, x in moved.items() if k in rule.state_names()})
+
     # a reused curvature is estimated at the first step of each block it visits: start at the block
     # of `first` (no products before `first`, only that anchor) so every request anchors alike
     for t, theta, state in traj.states(op.block_start(first), end - 1):
@@ -209,11 +217,13 @@ def _sweep(traj: Trajectory, forget: ForgetSet, settings: PropagationSettings, d
         if t < first:
             continue
         if (operator.closed_form and not adam and uniform and info.clip >= 1.0 and t not in affected and operator.current(t)
+                and t not in keep
                 and (not pending or pending_op is operator) and bool(torch.any(v != 0))):
             pending.append(info.lr)
             pending_op = operator
             continue
         flush(t - 1)
+        keep_state(t)
         if t in forget.steps:  # batch level: the step never happened
             u, dstate = update_of_step(traj, t, theta, state, info.lr)
             v -= u
@@ -244,6 +254,7 @@ def _sweep(traj: Trajectory, forget: ForgetSet, settings: PropagationSettings, d
                 v.sub_(_scaled(d, scale), alpha=info.lr)
         record(t)
     flush(end - 1)
+    keep_state(end)
     result.delta = v if v is not None else torch.zeros(traj.manifest.size)
     if v is not None:  # the optimizer state of θ̂: v_m (SGD momentum), δm and δs (AdamW)
         moved = {"exp_avg": m, "exp_avg_sq": s2} if adam else {"momentum_buffer": m} if rule.momentum else {}

@@ -33,6 +33,7 @@ from lmclean.curvature import (
 from lmclean.errors import ConfigError
 from lmclean.objective import Objective, Params
 from lmclean.params import ParamManifest
+from lmclean.unlearn.sharded import summed
 
 MatVec = Callable[[Tensor], Tensor]
 LazyObjective = Callable[[], Objective]
@@ -132,9 +133,10 @@ class _PerStepProduct(CurvatureOperator):
         obj = self._subsample(t, objective(), self.s.curvature_fraction)
         product = type(self).product
 
-        def matvec(v: Tensor) -> Tensor:
+        def matvec(v: Tensor) -> Tensor:  # a sum over the batch's samples: split under torchrun (unlearn/sharded.py)
             self.products += 1
-            return self.manifest.flatten(product(obj, params, self.manifest.views(v)))
+            return summed(obj, lambda part: self.manifest.flatten(product(part, params, self.manifest.views(v))),
+                          lambda: torch.zeros_like(v))
 
         return matvec
 

@@ -38,7 +38,8 @@ __all__ = ["reconcile"]
 
 Progress = Callable[[int, int], None]  # (steps done, steps in all)
 # store entries that are the trajectory (rebuilt), not state to carry over
-_TRAJECTORY = {"zarr.json", fmt.COMMIT_FILE, "steps", "checkpoints", "corrections", "samples", fmt.MODEL_DIR}
+_TRAJECTORY = {"zarr.json", fmt.COMMIT_FILE, "steps", "checkpoints", "corrections", "samples", fmt.MODEL_DIR,
+               "pinned"}  # pinned: g[t] of scrubbed steps of a recompute store (the rebuilt store needs none)
 TOMBSTONES = "samples/tombstone"
 
 
@@ -137,8 +138,8 @@ def _build(store: TrajectoryStore, forget: set[int], first: int, new: Path,
             theta = state = None
             if rec.needs_checkpoint(t):
                 theta, state = store.checkpoint(t)
-            _record(rec, row, [int(i) for i in row.sample_ids], t, grad=store.grad(t), loss=row.loss,
-                    grad_norm=row.grad_norm, clip=row.clip, theta=theta, state=state)
+            _record(rec, row, [int(i) for i in row.sample_ids], t, grad=None if store.recompute else store.grad(t),
+                    loss=row.loss, grad_norm=row.grad_norm, clip=row.clip, theta=theta, state=state)
             if progress:
                 progress(t + 1, T)
         traj = open_trajectory(store)
@@ -172,7 +173,7 @@ def _build(store: TrajectoryStore, forget: set[int], first: int, new: Path,
     return theta_exact, float(result.gradients)
 
 
-def _record(rec: Any, row: StepRecord, kept: list[int], t: int, *, grad: torch.Tensor, loss: float,
+def _record(rec: Any, row: StepRecord, kept: list[int], t: int, *, grad: torch.Tensor | None, loss: float,
             grad_norm: float, clip: float, theta: torch.Tensor | None, state: dict[str, torch.Tensor] | None) -> None:
     """Record step t with the rows of `kept` (recorded order, weights, tokens, micro-batches)."""
     keep = set(kept)
@@ -201,6 +202,13 @@ def uncorrected_final(store: TrajectoryStore) -> torch.Tensor:
     c = store.nearest_checkpoint(min(e.step for e in events))  # checkpoints are pre-jump
     theta, state = store.checkpoint(c)
     lrs = store.scalars("lr")
+    if store.recompute:  # g[t] exists only at the recorded (jumped) θ[t]: recompute it there, apply it here
+        from lmclean.unlearn.trajectory import recompute_grad
+
+        grad = recompute_grad(store)
+        for t, theta_t, _ in store.iter_states(c, T - 1, grad=grad):
+            store.rule.step(theta, grad(t, theta_t), float(lrs[t]), state, t)  # (cached: iter_states asks again)
+        return theta
     for t in range(c, T):
         store.rule.step(theta, store.grad(t), float(lrs[t]), state, t)
     return theta

@@ -10,9 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from lmclean.errors import DataError
 from lmclean.unlearn.common import ForgetSet
 
-__all__ = ["DEFAULT_K", "ForgetSpec", "Requester", "ResolvedForget", "Window", "default_K"]
+__all__ = ["DEFAULT_K", "OUTSIDE_WINDOW", "ForgetSpec", "Requester", "ResolvedForget", "Window", "default_K",
+           "outside_window"]
 
 # lmcleaner propagates K steps past the last affected step by default; replay runs to the end;
 # rollback does not propagate.
@@ -94,3 +96,31 @@ class Window:
     def carried(self) -> int:
         """Steps past the window over which the correction is carried unchanged."""
         return max(0, self.tau - self.stop)
+
+
+# What a request whose occurrences left a windowed store's retention window (record.keep_steps) does:
+# refuse (default) or carry them (correct the in-window occurrences only; report the others).
+OUTSIDE_WINDOW = ("refuse", "carry")
+
+
+def outside_window(affected: dict[int, list[int]], retained_from: int, keep_steps: int | None, tau: int,
+                   policy: str) -> tuple[int, ...]:
+    """The affected steps before the store's retained start (θ there can no longer be rebuilt, so
+    their influence cannot be corrected). None: (). Some: a one-line DataError saying when the
+    samples were seen and what the window is, unless `policy` is "carry": then the steps, which the
+    caller leaves uncorrected (ForgetSet.from_step) and reports."""
+    if policy not in OUTSIDE_WINDOW:
+        raise DataError(f"--outside-window {policy!r} is not known; use one of {list(OUTSIDE_WINDOW)}")
+    out = tuple(t for t in sorted(affected) if t < retained_from)
+    if not out or policy == "carry":
+        return out
+    ids = sorted({int(i) for t in out for i in affected[t]})
+    inside = [t for t in sorted(affected) if t >= retained_from]
+    seen = ", ".join(map(str, out[:8])) + (", …" if len(out) > 8 else "")
+    also = f" (and at {len(inside)} step{'s' if len(inside) > 1 else ''} inside the window)" if inside else ""
+    who = f"sample {ids[0]}" if len(ids) == 1 else f"samples {', '.join(map(str, ids[:6]))}{', …' if len(ids) > 6 else ''}"
+    verb, where = ("was" if len(ids) == 1 else "were"), ("step" if len(out) == 1 else "steps")
+    raise DataError(f"{who} {verb} seen at {where} {seen}{also}, before the store's retention window (record.keep_steps: "
+                    f"{keep_steps} keeps θ and gradients of steps {retained_from}..{tau - 1}), so that influence cannot "
+                    "be corrected; pass --outside-window carry to correct the in-window steps only (the report and "
+                    "audit record list the carried steps)")

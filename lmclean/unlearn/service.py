@@ -22,15 +22,19 @@ import torch
 
 import lmclean
 from lmclean._faults import crash_point
+from lmclean.dist import Gate, current
 from lmclean.device import check_device_spec, deterministic, replay_drift, resolve_device
-from lmclean.errors import AuditError, ConfigError, Interrupted
+from lmclean.errors import AuditError, ConfigError, Interrupted, LmcleanError
 from lmclean.store.reader import TrajectoryStore
 from lmclean.unlearn.common import ForgetSet, SweepResult
 from lmclean.unlearn.lmcleaner import PropagationSettings
-from lmclean.unlearn.request import ForgetSpec, Requester, ResolvedForget, Window, default_K
+from lmclean.unlearn.request import OUTSIDE_WINDOW, ForgetSpec, Requester, ResolvedForget, Window, default_K
+from lmclean.unlearn.storage import exact_states, lossy_store, retention_policy, storage_notes
+from lmclean.unlearn.auto import choose_auto
+from lmclean.unlearn.quality import check_steps, keep_for, quality_summary, spot_check
 from lmclean.unlearn.trajectory import StoreTrajectory
 
-METHODS = ("lmcleaner", "rollback", "replay")
+METHODS = ("lmcleaner", "rollback", "replay", "auto")  # auto: chosen per request (unlearn/auto.py)
 Progress = Callable[[int, float], None]  # (step, ‖v‖ or ‖θ' − θ‖)
 
 
@@ -43,11 +47,26 @@ class UnlearnOptions:
     noise: float = 0.0
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps (lmclean/device.py)
+    outside_window: str = "refuse"  # a windowed store (record.keep_steps): refuse | carry (unlearn/request.py)
+    exact_states: bool = False  # rebuild θ[t] from recomputed gradients, not the (lossy) stored rows
+    budget: str | None = None  # --method auto: training-step equivalents ("200", "200steps") or seconds ("90s")
+    check_steps: int = 3  # quality spot check: sampled steps (0: none; lmclean/unlearn/quality.py)
+    auto_choice: dict[str, Any] | None = None  # set by choose_auto: what auto chose and why (for the report)
 
     def __post_init__(self) -> None:
         check_device_spec(self.device, "--device")
+        if self.outside_window not in OUTSIDE_WINDOW:
+            raise ConfigError(f"--outside-window {self.outside_window!r} is not known; use one of {list(OUTSIDE_WINDOW)}")
         if self.method not in METHODS:
             raise ConfigError(f"--method {self.method!r} is not known; use one of {list(METHODS)}")
+        if self.budget is not None:
+            from lmclean.unlearn.auto import parse_budget
+
+            if self.method != "auto":
+                raise ConfigError(f"--budget is used only with --method auto, not with --method {self.method}: remove it")
+            parse_budget(self.budget)
+        if self.check_steps < 0:
+            raise ConfigError(f"--check-steps {self.check_steps} must be >= 0 (0 disables the spot check)")
         if self.K is not None and self.K < 0:
             raise ConfigError(f"--K {self.K} must be >= 0")
         if self.noise < 0:
@@ -139,17 +158,19 @@ def window_of(traj: StoreTrajectory, forget: ForgetSet, options: UnlearnOptions)
     return Window.of(list(forget.affected(traj)), traj.n_steps, options.method, options.K, to_end)
 
 
-def run_method(traj: StoreTrajectory, forget: ForgetSet, options: UnlearnOptions, progress: Progress | None) -> SweepResult:
+def run_method(traj: StoreTrajectory, forget: ForgetSet, options: UnlearnOptions, progress: Progress | None,
+               keep: frozenset[int] = frozenset()) -> SweepResult:
     from lmclean.unlearn.baselines import replay, rollback
     from lmclean.unlearn.lmcleaner import propagate, require_supported
 
     if options.method == "rollback":
-        return rollback(traj, forget, progress)
+        return rollback(traj, forget, progress, keep=keep)
     if options.method == "replay":
-        return replay(traj, forget, K=options.K, fraction=options.fraction, seed=options.seed, progress=progress)
+        return replay(traj, forget, K=options.K, fraction=options.fraction, seed=options.seed, progress=progress,
+                      keep=keep)
     require_supported(traj, forget)
     settings = dataclasses.replace(options.propagation, K=options.K if options.K is not None else traj.n_steps)
-    return propagate(traj, forget, settings, progress)
+    return propagate(traj, forget, settings, progress, keep=keep)
 
 
 @dataclass
@@ -165,6 +186,7 @@ class Prepared:
     traj: StoreTrajectory
     window: Window
     merge: bool = False  # OutputSpec.merge
+    carried: tuple[int, ...] = ()  # affected steps before a windowed store's retained start, left uncorrected
 
 
 def prepare(store_path: Path | str, spec: ForgetSpec, options: UnlearnOptions, output: OutputSpec,
@@ -191,8 +213,13 @@ def prepare(store_path: Path | str, spec: ForgetSpec, options: UnlearnOptions, o
     start = starting_point(store, history, output, options.method)
     out = check_output(output.out or default_out(store.path), overwrite=output.overwrite)
     traj = open_trajectory(store, options.device)
+    if options.exact_states:
+        exact_states(traj)
     forget = engine_forget(resolved, history, options.method)
-    return Prepared(store, resolved, history, start, out, forget, traj, window_of(traj, forget, options), output.merge)
+    forget, carried = retention_policy(store, traj, forget, options.outside_window)
+    return Prepared(store, resolved, history, start, out, forget, traj, window_of(traj, forget, options), output.merge,
+                    carried)
+
 
 
 def resolve(store: TrajectoryStore, spec: ForgetSpec) -> ResolvedForget:
@@ -206,12 +233,17 @@ def plan(store_path: Path | str, spec: ForgetSpec, options: UnlearnOptions, outp
     """`--dry-run`: every check of a real run, then the steps touched and the estimated cost."""
     from lmclean.unlearn.plan import estimate
 
+    options = choose_auto(store_path, spec, options, output)
     p = prepare(store_path, spec, options, output, who)
     data = estimate(p.traj, p.window, options, len(p.window.affected))
+    if options.auto_choice:
+        data["auto"] = options.auto_choice
     data.update(sample_ids=list(p.resolved.sample_ids), level=p.resolved.level, base_model=str(p.start.path),
                 output=str(p.out), composes_with=[link.request_id for link in p.history.unlearnings])
     if p.resolved.level == "batch":
         data.update(steps=list(p.resolved.steps), collateral_samples=p.resolved.collateral_samples)
+    if p.store.retained_from:
+        data.update(retained_from=p.store.retained_from, carried_outside_window=list(p.carried))
     return data
 
 
@@ -223,14 +255,32 @@ def unlearn(store_path: Path | str, spec: ForgetSpec, options: UnlearnOptions, o
     `on_start(total)` is called with the number of steps the sweep visits once every check passed.
     Returns the report (also written as `unlearn_report.json` into the output model directory).
     """
+    store_path = Path(store_path)
+    d = current()  # torchrun: rank 0 does what one process does; the others sum their shares into its sweep
+    if d.active:
+        from lmclean.unlearn.distributed import peer_unlearn, refuse_unsupported
+
+        refuse_unsupported(options)
+        if not d.main:
+            return peer_unlearn(store_path, spec, options, output, who, d)
+    gate = Gate(d)  # opened twice: after recovery, after the checks (lmclean/unlearn/distributed.py)
+    try:
+        report = _unlearn_locked(store_path, spec, options, output, who, progress, on_start, gate)
+    except BaseException as exc:
+        gate.fail(exc, phases=2)  # peers still waiting for the checks: they stop too
+        raise
+    d.barrier()
+    return report
+
+
+def _unlearn_locked(store_path: Path, spec: ForgetSpec, options: UnlearnOptions, output: OutputSpec, who: Requester,
+                    progress: Progress | None, on_start: Callable[[int], None] | None, gate: Gate) -> dict[str, Any]:
     from lmclean.audit import AuditLog, finish_pending_scrub
     from lmclean.store.lock import StoreLock
     from lmclean.store.scrub import scrub_samples
     from lmclean.audit.publish import finish_pending_unlearn
-
     from lmclean.store.swap import finish_pending_swap
 
-    store_path = Path(store_path)
     finish_pending_swap(store_path)  # a reconcile interrupted after its commit point
     TrajectoryStore(store_path)  # "no lmclean store at ..." before anything else
     with StoreLock(store_path, "unlearn"):
@@ -238,7 +288,10 @@ def unlearn(store_path: Path | str, spec: ForgetSpec, options: UnlearnOptions, o
         log.require_intact()  # before anything: a forged record must not be scrubbed or signed over
         finish_pending_unlearn(store_path)
         finish_pending_scrub(store_path)
+        gate.open()  # torchrun: the store is settled; the peers prepare the same request alongside
+        options = choose_auto(store_path, spec, options, output)
         p = prepare(store_path, spec, options, output, who)
+        gate.open()  # torchrun: rank 0's checks passed; the peers join the sweep
         if on_start:
             on_start(max(1, p.window.span))
         try:
@@ -249,6 +302,7 @@ def unlearn(store_path: Path | str, spec: ForgetSpec, options: UnlearnOptions, o
         report["audit_seq"] = record["seq"]
         report["request_id"] = record["request_id"]
         if not who.keep_data and p.resolved.sample_ids:
+            p.traj.pin(set(p.resolved.sample_ids))  # a recompute store keeps g[t] of the steps it scrubs
             scrub = scrub_samples(store_path, list(p.resolved.sample_ids), record["seq"])
             report["scrubbed_steps"] = len(scrub.steps)
     return report
@@ -263,12 +317,20 @@ def _compute(p: Prepared, options: UnlearnOptions, progress: Progress | None) ->
             progress(t, norm)
 
     with deterministic(p.traj.device):  # CUDA: deterministic kernels, so replay drifts as little as it can
-        result = run_method(p.traj, p.forget, options, tick)
-        drift = replay_drift(p.traj, p.window.first, min(p.window.first + 8, p.traj.n_steps - 1)) if p.window.affected else None
+        checks = check_steps(p.window.first, p.window.tau, p.window.affected, options.check_steps, options.seed)
+        result = run_method(p.traj, p.forget, options, tick, keep_for(checks))
+        # a recompute store has no stored g[t] to compare with (and the probe would rebuild θ again):
+        # its drift is θ rebuilt at each checkpoint the sweep crossed against the checkpoint (recompute_drift)
+        drift = (replay_drift(p.traj, p.window.first, min(p.window.first + 8, p.traj.n_steps - 1))
+                 if p.window.affected and not p.store.recompute else None)
     result.delta = result.delta.cpu()  # the correction is applied and saved on the CPU
     if drift is not None and drift[1] > 1e-6:
         result.notes.append(f"replay drift {drift[1]:.2e}: ‖g' − g‖/‖g‖ of the gradient recomputed at step {drift[0]} on "
                             f"{p.traj.device} against the stored one (0 = same kernels; bf16 storage alone ~2e-3)")
+    rd = p.traj.recompute_drift  # (checkpoint step, ‖θ_rebuilt − θ_ck‖ / ‖θ_ck − θ_prev ck‖): 0 on the CPU
+    if rd and rd[1] > 1e-6:
+        result.notes.append(f"recompute drift {rd[1]:.2e}: θ rebuilt by recomputed gradients at checkpoint {rd[0]} on "
+                            f"{p.traj.device} against the checkpoint, relative to θ's move since the previous one")
     if options.method == "replay":  # θ̂ = the counterfactual run's θ[τ]: recorded θ[τ] + (θ' − θ)
         theta, _ = p.store.checkpoint(p.store.committed_steps)
     else:  # compose: the new correction on top of the current model
@@ -280,8 +342,21 @@ def _compute(p: Prepared, options: UnlearnOptions, progress: Progress | None) ->
     if not torch.isfinite(theta_hat).all():
         raise ConfigError("the unlearned parameters are not finite; nothing was written (raise --damping or lower --K)")
     crash_point("unlearn:after-compute")
+    result.notes += storage_notes(p.store, options, p.carried)
     report = _report(p, options, result, time.perf_counter() - started)
+    began = time.perf_counter()
+    try:
+        report["quality"] = spot_check(p.traj, p.forget, result, checks, theta, theta_hat, options.seed)
+    except LmcleanError as exc:  # a diagnostic: the unlearning itself stands, and the report says why it has none
+        report["quality"] = {"check_steps": [], "defect_ratio": None, "error": " ".join(str(exc).split())}
+        report["notes"].append(f"no quality spot check: {report['quality']['error']}")
+    report["quality"]["seconds"] = round(time.perf_counter() - began, 3)
+    report["lossy_store"], report["exact_states"] = lossy_store(p.store, options.exact_states), options.exact_states
+    report["outside_window"] = ({"policy": options.outside_window, "keep_steps": p.store.keep_steps,
+                                 "retained_from": p.store.retained_from, "carried_steps": list(p.carried)}
+                                if p.store.retained_from else None)
     report["replay_drift"], report["replay_drift_step"] = drift[1] if drift else None, drift[0] if drift else None
+    report["recompute_drift"], report["recompute_drift_step"] = (rd[1], rd[0]) if rd else (None, None)
     return theta_hat, result, report
 
 
@@ -314,7 +389,7 @@ def _report(p: Prepared, options: UnlearnOptions, result: SweepResult, seconds: 
         "delta_norm": float(torch.linalg.vector_norm(result.delta)),
         "divergence_check": result.divergence, "notes": result.notes,
         "device": str(p.traj.device), "autocast": p.traj.autocast,
-        "wall_seconds": round(seconds, 3), "output": str(p.out),
+        "wall_seconds": round(seconds, 3), "output": str(p.out), "auto": options.auto_choice,
     }
 
 
@@ -351,7 +426,9 @@ def _write_and_audit(p: Prepared, options: UnlearnOptions, who: Requester, theta
         model_before_dir=p.start.path, output_dir=staged, output_path=out, keep_data=who.keep_data,
         wall_time=report["wall_seconds"], digests=(p.start.digest, digest),
         extra={"base_unrelated": p.start.unrelated, "composes_with": report["composes_with"],
-               "also_excluded_ids": report["also_excluded_ids"]})
+               "also_excluded_ids": report["also_excluded_ids"], "lossy_store": report["lossy_store"],
+               "carried_outside_window": list(p.carried), "auto": (report["auto"] or {}).get("chosen"),
+               "quality": quality_summary(report["quality"])})
     crash_point("unlearn:after-audit")
     publish(pending)
     return record

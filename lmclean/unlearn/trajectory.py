@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lmclean.errors import UnsupportedError
 from lmclean.objective import CausalLMObjective, MicroBatchedObjective, Objective, SquaredErrorObjective
 from lmclean.params import ParamManifest
 from lmclean.optim import UpdateRule, clip_factor, clip_gradient
@@ -76,6 +77,9 @@ class StoreTrajectory:
         self._cache: dict[int, object] = {}
         self._lrs = store.scalars("lr")
         self._grad_cache: tuple[int, Tensor | None] = (-1, None)
+        self.recompute = store.recompute  # no gradient rows: g[t] is recomputed at θ[t] (step_grad)
+        self._at: tuple[int, Tensor | None] = (-1, None)
+        self.recompute_drift: tuple[int, float] | None = None  # (checkpoint step, relative drift): _measure_drift
 
     def _record(self, t: int):  # noqa: ANN202 - StepRecord
         rec = self._cache.get(t)
@@ -122,21 +126,124 @@ class StoreTrajectory:
         return CausalLMObjective(self.model, ids.to(self.device), lengths.to(self.device), w, mask, self.autocast)
 
     def states(self, start: int, stop: int) -> Iterator[tuple[int, Tensor, dict[str, Tensor]]]:
-        return self.store.iter_states(start, stop, grad=self.stored_grad,
-                                      device=None if self.device.type == "cpu" else self.device)
+        cks = set(self.store.checkpoint_steps) if self.recompute else set()  # where recomputation is checked
+        origin = self.store.nearest_checkpoint(start) if cks else 0
+        for t, theta, state in self.store.iter_states(start, stop, grad=self.step_grad,
+                                                      device=None if self.device.type == "cpu" else self.device):
+            if t in cks and t > origin:
+                self._measure_drift(t, theta)
+            self._at = (t, theta)  # a recompute store's stored_grad(t) is computed at this θ[t]
+            yield t, theta, state
+        self._at = (-1, None)
+
+    def _measure_drift(self, c: int, theta: Tensor) -> None:
+        """θ[c] rebuilt by recomputation against the checkpoint of step c, relative to how far θ moved
+        since the checkpoint before: 0 on the CPU; on an accelerator what its kernels' nondeterminism
+        made of the replayed steps (kept as `recompute_drift` (step, value), the largest seen)."""
+        if self.store.jumps_at(c):  # θ[c] is post-jump, the checkpoint pre-jump: not comparable
+            return
+        prev = max(s for s in self.store.checkpoint_steps if s < c)
+        ref, before = self.store.checkpoint(c)[0], self.store.checkpoint(prev)[0]
+        scale = float(torch.linalg.vector_norm(ref - before)) or 1.0
+        rel = float(torch.linalg.vector_norm(theta.detach().float().cpu() - ref)) / scale
+        if self.recompute_drift is None or rel > self.recompute_drift[1]:
+            self.recompute_drift = (c, rel)
+
+    def step_grad(self, t: int, theta: Tensor) -> Tensor:
+        """The gradient step t applied, g[t] (P,) on the device, given θ[t]: the stored row, or for a
+        `gradients: recompute` store ∇L_t(θ[t]) recomputed from the recorded batch as the run computed
+        it (its micro-batches, weights, loss mask) times the recorded clip factor. The one place that
+        owns "g[t]": θ replay (iter_states) and every method's stored_grad go through it, once per step."""
+        if self._grad_cache[0] != t:
+            if not self.recompute:
+                g = self.store.grad(t).to(self.device, non_blocking=True)
+            else:
+                g = self._pinned(t)
+                g = self._recomputed(t, theta) if g is None else g
+            self._grad_cache = (t, g)
+        return self._grad_cache[1]
 
     def stored_grad(self, t: int) -> Tensor:
-        """g[t] on the device, decoded once per step: the sweep (fisher, batch-level updates, control
-        variates) and the θ replay that follows both ask for it."""
-        if self._grad_cache[0] != t:
-            self._grad_cache = (t, self.store.grad(t).to(self.device, non_blocking=True))
-        return self._grad_cache[1]
+        """g[t] on the device, made once per step: the sweep (fisher, batch-level updates, control
+        variates) and the θ replay that follows both ask for it. A recompute store computes it at the
+        θ[t] `states` yielded last (else rebuilds θ[t] first: a sweep never needs to)."""
+        if self._grad_cache[0] == t or not self.recompute:
+            return self.step_grad(t, None)  # type: ignore[arg-type]
+        if self._at[0] != t:
+            for _ in self.states(t, t):  # θ[t] on the device, rebuilt from its checkpoint (sets self._at)
+                break
+        return self.step_grad(t, self._at[1])
+
+    def _pinned(self, t: int) -> Tensor | None:
+        if not self.store.recompute:  # (--exact-states on a store with rows: nothing is ever pinned)
+            return None
+        from lmclean.store.pinned import read_pinned
+
+        g = read_pinned(self.store, t)  # a step whose tokens a scrub removed (lmclean/store/pinned.py)
+        return None if g is None else g.to(self.device)
+
+    def pin(self, sample_ids: set[int]) -> int:
+        """Before scrubbing `sample_ids` from a recompute store: pin g[t] of every step that holds
+        one (recomputed at θ[t] while the tokens exist), so θ stays rebuildable. Returns the rows written."""
+        from lmclean.store.pinned import pinned_steps, write_pinned
+
+        if not self.store.recompute:
+            return 0
+        todo = sorted(set(self.occurrences(set(sample_ids))) - pinned_steps(self.store.path))
+        for t, theta, _ in (self.states(todo[0], todo[-1]) if todo else ()):
+            if t in todo:
+                write_pinned(self.store.path, t, self.step_grad(t, theta).detach().float().cpu().numpy())
+        return len(todo)
+
+    def _recomputed(self, t: int, theta: Tensor) -> Tensor:
+        rec = self._record(t)
+        dead = sorted(int(i) for i in rec.sample_ids if int(i) in self.tombstoned)
+        if dead:
+            raise UnsupportedError(
+                f"store {self.store.path} recomputes gradients (gradients: recompute) but step {t}'s batch held sample "
+                f"{dead[0]}, whose tokens were scrubbed without pinning g[{t}] first (lmclean/store/pinned.py): it "
+                "cannot be recomputed; restore the store from a backup or re-record it")
+        if not len(rec.sample_ids):
+            return torch.zeros_like(theta)
+        leaf = theta.detach().clone().requires_grad_(True)  # (P,) as lmclean.unlearn.common.flat_grad
+        obj = self.objective(t, [int(i) for i in rec.sample_ids], micro=True)
+        (g,) = torch.autograd.grad(obj.loss_from_outputs(obj.outputs(self.manifest.views(leaf))), leaf)
+        return g if rec.clip == 1.0 else g * rec.clip  # the applied gradient: clip · ∇
 
     def stored_grad_is_exact(self, t: int) -> bool:
         return not any(int(i) in self.tombstoned for i in self._record(t).sample_ids)
 
     def occurrences(self, sample_ids: set[int]) -> dict[int, list[int]]:
         return self.store.occurrences(sample_ids)
+
+
+def pin_before_scrub(store: "TrajectoryStore", sample_ids: set[int] | list[int], device: str = "cpu") -> int:  # noqa: F821
+    """`StoreTrajectory.pin` for a store (nothing to do, and no model built, unless it recomputes
+    gradients): call before scrub_samples."""
+    if not store.recompute:
+        return 0
+    from lmclean.unlearn.service import open_trajectory
+
+    return open_trajectory(store, device).pin(set(int(i) for i in sample_ids))
+
+
+def recompute_grad(store: "TrajectoryStore", device: torch.device | str = "cpu") -> "StepGrad | None":  # noqa: F821
+    """The `grad` that rebuilds θ of a `gradients: recompute` store (for iter_states / theta_at):
+    its model built from the store, gradients recomputed as StoreTrajectory.step_grad does; None
+    for a store with gradient rows (the stored rows are the default). θ must be on `device`. The
+    model is built at the first call: rebuilding θ at a checkpoint step costs nothing."""
+    if not store.recompute:
+        return None
+    opened: list[StoreTrajectory] = []
+
+    def grad(t: int, theta: Tensor) -> Tensor:
+        if not opened:
+            from lmclean.unlearn.service import open_trajectory
+
+            opened.append(open_trajectory(store, str(device)))
+        return opened[0].step_grad(t, theta)
+
+    return grad
 
 
 class InMemoryTrajectory:
