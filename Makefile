@@ -23,7 +23,8 @@ demo: $(STAMP)
 	bash examples/demo.sh
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -p no:cacheprovider tests
+	# two workers (pytest-xdist), one torch thread each: on 2 cores faster than one process with 2 threads
+	OMP_NUM_THREADS=1 LMCLEAN_TEST_THREADS=1 $(BIN)/python -m pytest -p no:cacheprovider -n 2 --dist loadscope tests
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/record_overhead.py

@@ -20,8 +20,8 @@ Fine-tunes the model of examples/tiny.yaml on examples/finetune.yaml (both recor
 
 Rows named "cb=full" take the curvature on the recorded batch (`--curvature-batch full`), the others
 on the batch without the forget set (retained). `--json` writes the case (its numbers and command)
-with its rows; benchmarks/frontier.py draws several such files as one figure. Rows "ekfac-rq" are an
-experiment: EK-FAC rescaled along the propagated vector (RayleighEKFAC below), not a CLI option.
+with its rows; benchmarks/frontier.py draws several such files as one figure. Rows "ekfac-rq" run
+`--hvp ekfac-rq` (EK-FAC rescaled along the propagated vector, lmclean/unlearn/operators.py).
 """
 
 from __future__ import annotations
@@ -37,13 +37,11 @@ from pathlib import Path
 import torch
 
 from lmclean import config as config_mod
-from lmclean.curvature import ggn_vp
 from lmclean.store import TrajectoryStore
 from lmclean.train.data import parse_id_spec
 from lmclean.train.trainer import train
 from lmclean.unlearn import ForgetSet, OperatorSettings, PropagationSettings, propagate, replay, rollback
 from lmclean.unlearn.common import flat_grad
-from lmclean.unlearn.operators import OPERATORS, EKFACOperator
 from lmclean.unlearn.service import open_trajectory
 
 
@@ -54,35 +52,6 @@ FRONTIER_ROWS = {
     "lmcleaner diag K=800", "lmcleaner lowrank K=800", "lmcleaner fisher K=800", "lmcleaner ggn K=800 cf=0.25",
     "lmcleaner ggn K=20 tail=ekfac", "replay f=0.5", "replay f=0.25", "replay f=0.125",
 }
-
-
-class RayleighEKFAC(EKFACOperator):
-    """Experiment (rows "ekfac-rq"): EK-FAC whose eigenvalues are rescaled at each anchor, part by part,
-    to the GGN's quadratic form along the propagated vector (KroneckerCurvature.rescaled_along), from
-    ONE exact GGN product per anchor, taken at the anchor's θ on the first use of its estimate."""
-
-    name = "ekfac-rq"
-
-    def _estimate(self, t, params, objective):  # noqa: ANN001, ANN202
-        super()._estimate(t, params, objective)
-        self._anchor = ({k: p.detach().clone() for k, p in params.items()}, objective)  # θ is a reused buffer
-        return lambda v: (self._calibrate(v), self._flat(self.curvature.matvec)(v))[1]
-
-    def window(self, v, m, lrs, momentum, shift, max_step):  # noqa: ANN001, ANN201
-        self._calibrate(v)
-        return super().window(v, m, lrs, momentum, shift, max_step)
-
-    def _calibrate(self, v: torch.Tensor) -> None:
-        if getattr(self, "_anchor", None) is None or not bool(torch.any(v != 0)):
-            return
-        params, obj = self._anchor
-        self._anchor = None
-        vec = self.manifest.views(v)
-        self.curvature = self.curvature.rescaled_along(vec, ggn_vp(obj, params, vec))
-        self.products += 1
-
-
-OPERATORS.setdefault(RayleighEKFAC.name, RayleighEKFAC)
 
 
 def record_pair(cfg_path: Path, overrides: list[str], exclude: list[int], workdir: Path) -> tuple[Path, Path]:

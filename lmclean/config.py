@@ -85,7 +85,7 @@ class OnlineUnlearnConfig:
         "rollback (no propagation), none (only drop the samples from later batches: the do-nothing baseline).")
     K: int | None = _f(None, "Steps to propagate past the last affected step (empty: the method's default, 800 for "
                        "lmcleaner, to the end for replay).")
-    hvp: Literal["ggn", "exact", "kfac", "ekfac", "diag", "lowrank", "fisher"] = _f(
+    hvp: Literal["ggn", "exact", "kfac", "ekfac", "ekfac-rq", "diag", "lowrank", "fisher"] = _f(
         "ggn", "Curvature for lmcleaner (as `lmclean unlearn --hvp`).")
 
 

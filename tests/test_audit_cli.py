@@ -34,6 +34,13 @@ runner = CliRunner()
 def _no_env_key(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(KEY_ENV, raising=False)
     monkeypatch.setenv("COLUMNS", "200")
+    # the consoles were created when lmclean.cli was first imported, perhaps under another COLUMNS
+    # (pytest-xdist workers): give the tables their 200 columns whatever it was
+    from rich.console import Console
+
+    from lmclean.cli import audit as audit_cmd
+
+    monkeypatch.setattr(audit_cmd, "out", Console(width=200, highlight=False, soft_wrap=True))
 
 
 @pytest.fixture(scope="module")

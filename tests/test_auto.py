@@ -47,6 +47,19 @@ def test_the_table_is_a_faithful_copy_of_the_benchmark_readme(case: str) -> None
         assert (measured["residual"], measured["per_step"]) == row, name
 
 
+@pytest.mark.parametrize("case", sorted(k for k, v in table()["cases"].items() if "results" in v))
+def test_cases_with_a_results_file_match_it(case: str) -> None:
+    """The run's own JSON (benchmarks/results) has the same command, date, scenario and residuals."""
+    info = table()["cases"][case]
+    run = json.loads((README.parent.parent / info["results"]).read_text(encoding="utf-8"))
+    assert (run["command"], run["date"][:10], run["scenario"]) == (info["command"], info["date"], info["scenario"])
+    rows = {r["method"]: r for r in run["rows"]}
+    for c in table()["configs"]:
+        if case in c["measured"]:
+            row = rows["replay (exact)" if c["name"] == "replay" else c["name"]]
+            assert c["measured"][case]["residual"] == (0.0 if c["name"] == "replay" else round(row["residual"], 3)), c["name"]
+
+
 @pytest.mark.parametrize("text, value, unit", [("200", 200, "steps"), ("200steps", 200, "steps"), ("12.5 step", 12.5, "steps"),
                                                ("90s", 90, "seconds"), ("90 seconds", 90, "seconds")])
 def test_budget_forms(text: str, value: float, unit: str) -> None:
@@ -164,5 +177,6 @@ def test_every_table_configuration_maps_onto_the_options_the_benchmark_ran(name:
         op, prop = options.propagation.operator, options.propagation
         assert op.hvp == chosen["hvp"] and op.curvature_fraction == chosen.get("curvature_fraction", 1.0)
         assert op.refresh == chosen.get("refresh", 100) and prop.tail == chosen.get("tail", "carry")
+        assert prop.curvature_batch == chosen.get("curvature_batch", "retained")
         if prop.tail != "carry":  # the tail's curvature is the named one, with the row's refresh
             assert prop.tail_operator.hvp == prop.tail and prop.tail_operator.refresh == chosen["refresh"]

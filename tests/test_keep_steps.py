@@ -180,6 +180,23 @@ def test_carry_corrects_the_in_window_occurrences_and_reports_the_carried(stores
     torch.testing.assert_close(got, delta, rtol=0, atol=1e-6 * float(delta.abs().max()) + 1e-7)  # θ̂ − θ[τ]: fp32 rounding
 
 
+def test_reconcile_refuses_a_windowed_store_naming_the_window(stores: dict[str, Path], tmp_path: Path) -> None:
+    """Reconcile rebuilds the run from step 0, which a windowed store no longer holds: one line naming
+    the window (not a missing checkpoint), and the store is left as it was."""
+    store = _copy(stores["window"], tmp_path, "w.zarr")
+    sid = sorted(_seen(store))[0]
+    with one_thread():
+        unlearn(store, ForgetSpec(ids=str(sid)), UnlearnOptions(method="rollback", device="cpu", outside_window="carry",
+                                                                check_steps=0), OutputSpec(out=tmp_path / "out"))
+    before = {p.relative_to(store): p.read_bytes() for p in sorted(store.rglob("*")) if p.is_file() and p.name != ".lock"}
+    line = error_line(runner.invoke(app, ["reconcile", str(store)]))
+    assert line == (f"error: store {store} keeps steps {RETAINED}..{STEPS - 1} only (record.keep_steps: {KEEP}): reconcile "
+                    "rebuilds the whole run from step 0, whose θ and gradients left the window; reconcile needs a store "
+                    "recorded without record.keep_steps")
+    after = {p.relative_to(store): p.read_bytes() for p in sorted(store.rglob("*")) if p.is_file() and p.name != ".lock"}
+    assert after == before and sorted(p.name for p in tmp_path.iterdir()) == ["out", "w.zarr"]
+
+
 def test_windowed_record_resumes_to_the_uninterrupted_store(stores: dict[str, Path], tmp_path: Path) -> None:
     def stop_at_9(step: int, total: int, loss: float, lr: float) -> None:
         if step == 9:

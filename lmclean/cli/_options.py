@@ -20,7 +20,7 @@ except ImportError:  # pragma: no cover
 
 Method = Literal["lmcleaner", "rollback", "replay", "auto"]
 Level = Literal["sample", "batch"]
-Curvature = Literal["ggn", "exact", "kfac", "ekfac", "diag", "lowrank", "fisher"]
+Curvature = Literal["ggn", "exact", "kfac", "ekfac", "ekfac-rq", "diag", "lowrank", "fisher"]
 OnDivergence = Literal["stop", "damp"]
 CurvatureBatch = Literal["retained", "full"]
 Tail = Literal["carry", "ekfac", "kfac", "lowrank", "diag"]

@@ -89,7 +89,13 @@ def show(
     if not records:
         err.print(f"store {store} has no audit records yet (`lmclean record` and `lmclean unlearn` write them)")
         return
-    out.print(_records_table(records, store, wide))
+    table = _records_table(records, store, wide)
+    if wide:  # at 160 columns at least, whatever the terminal (or a pipe) says: the user asked for them
+        from rich.console import Console
+
+        Console(highlight=False, soft_wrap=True, width=max(out.width, 160), file=out.file).print(table)
+    else:
+        out.print(table)
     _print_history(store, records)
     result = log.verify()
     if result.ok:

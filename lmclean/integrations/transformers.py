@@ -13,6 +13,9 @@ their micro-batches and the loss denominator kept: the exact-retraining referenc
 
 Deletion requests queued while it trains (`lmclean request`) are taken at the next step boundary
 (`on_step_begin`) by lmclean/train/online.py, as a running `lmclean record` takes them (`unlearn=`).
+
+Under DDP (`torchrun`) every rank captures its micro-batches and rank 0 alone records the global
+step (lmclean/integrations/_ddp.py; docs/distributed.md, "The Trainer callback under DDP").
 """
 
 from __future__ import annotations
@@ -31,9 +34,12 @@ from lmclean.adapters import describe_for_store, ensure_base, save_output
 from lmclean.audit import AuditLog, finish_pending_scrub, record_event
 from lmclean.audit.publish import finish_pending_unlearn
 from lmclean.config import LmcleanConfig
+from lmclean.dist import Dist
 from lmclean.errors import ConfigError, DataError, StoreError, StoreExistsError, UnsupportedError
 from lmclean.integrations._capture import (ForwardCapture, GradNorms, active_dropout, online_settings, scan_dataset,
                                            step_batch, unsupported_optimizer, write_back)
+from lmclean.integrations._ddp import SyncedGradNorms, agree_all, collective, gather_micro, refuse_under_ddp
+from lmclean.integrations._ddp import group as ddp_group
 from lmclean.optim import rule_from_torch, rule_to_dict
 from lmclean.params import ParamManifest, flat_grads, flat_params
 from lmclean.store.lock import StoreLock
@@ -69,6 +75,8 @@ class LMCleanCallback(TrainerCallback):
         if checkpoint_every < 1:
             raise ConfigError(f"checkpoint_every={checkpoint_every} must be at least 1")
         self.unlearn = online_settings(unlearn)
+        self._unlearn_given = unlearn is not None
+        self._d = Dist(0, 1)  # under DDP: this rank (rank 0 alone owns the store; lmclean/integrations/_ddp.py)
         self._online: OnlineRequests | None = None
         self.path = Path(store)
         self.id_column, self.exclude = id_column, sorted({int(i) for i in exclude or []})
@@ -80,7 +88,7 @@ class LMCleanCallback(TrainerCallback):
         self.stats: Any = None  # RecordStats of the last completed run
         self._lock: Any = None
         self._capture: ForwardCapture | None = None
-        self._norms: GradNorms | None = None
+        self._norms: GradNorms | SyncedGradNorms | None = None
 
     # -- Trainer events ----------------------------------------------------------------------
     def on_train_begin(self, args: Any, state: Any, control: Any, model: torch.nn.Module | None = None,
@@ -91,7 +99,22 @@ class LMCleanCallback(TrainerCallback):
         for stale in [self, *_ACTIVE.get(self.path.resolve(), [])]:
             if stale.recorder is not None or stale._lock is not None:
                 stale.abort()
-        optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
+        self._d = ddp_group(args)  # DDP: every rank hooks its model, rank 0 alone records (raises alike on every rank)
+        error: BaseException | None = None
+        try:
+            self._begin(args, state, model, getattr(optimizer, "optimizer", optimizer), train_dataloader,
+                        processing_class)
+        except BaseException as exc:  # noqa: BLE001 - raised below, on every rank under DDP
+            self.abort()
+            error = exc
+        try:
+            agree_all(self._d, error)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _begin(self, args: Any, state: Any, model: Any, optimizer: Any, train_dataloader: Any,
+               processing_class: Any) -> None:
         self._check_run(args, model, optimizer)
         self.manifest = ParamManifest.from_model(model)
         self.rule = rule_from_torch(optimizer, model, self.manifest)
@@ -106,26 +129,27 @@ class LMCleanCallback(TrainerCallback):
         self.start_step = int(state.global_step)
         self.max_grad_norm = float(args.max_grad_norm or 0.0)
         self.model_meta = describe_for_store(model)  # meta["model"]: what unlearning rebuilds the model from
-        try:
+        d = self._d
+        refuse_under_ddp(d, live_requests=self._unlearn_given, resume=self.start_step > 0)
+        if d.main:
             cfg = LmcleanConfig()
             cfg.record.unlearn, cfg.train.device = self.unlearn, str(getattr(args, "device", "cpu"))
             # before the reopen (it unlists events past the Trainer checkpoint); that θ is pre-jump
-            self._online = OnlineRequests.open(cfg, self.path, self.start_step > 0, restart=self.start_step,
-                                               pre_jump=True)
+            self._online = None if d.active else OnlineRequests.open(cfg, self.path, self.start_step > 0,
+                                                                     restart=self.start_step, pre_jump=True)
             if self.start_step > 0:
                 self._reopen(state, model, train_dataloader)
             else:
                 self._create(args, state, model, train_dataloader)
             ensure_base(model, self.path, self.model_meta, self.recorder.meta.get("model", {"kind": "full"}))
-            trainable = [p for p in model.parameters() if p.requires_grad]
-            self._norms = GradNorms(trainable)
-            self._capture = ForwardCapture(model, self.id_column, set(self.exclude), lambda: _zero_loss(trainable))
-            self._capture.active = True
-            if self._online is not None:  # its exclusions go straight into the wrapper's set
-                self._online.bind(self.recorder, self._capture.exclude, self.start_step)
-        except BaseException:
-            self.abort()
-            raise
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        self._norms = SyncedGradNorms(trainable) if d.active else GradNorms(trainable)
+        self._capture = ForwardCapture(model, self.id_column, set(self.exclude), lambda: _zero_loss(trainable))
+        self._capture.active = True
+        # the Trainer's num_items_in_batch is the count over every rank (w_i = n_i / N); else each rank's own
+        self._averaged = bool(getattr(args, "average_tokens_across_devices", True))
+        if self._online is not None:  # its exclusions go straight into the wrapper's set
+            self._online.bind(self.recorder, self._capture.exclude, self.start_step)
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Pending deletion requests, before the step's first forward (once per optimizer step)."""
@@ -139,10 +163,10 @@ class LMCleanCallback(TrainerCallback):
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, model: torch.nn.Module | None = None,
                               optimizer: Any = None, **kwargs: Any) -> None:
-        if self.recorder is None:
+        if self.recorder is None and not (self._d.active and self._capture is not None):
             return
         try:
-            self._record(int(state.global_step))
+            collective(self._d, lambda: self._record(int(state.global_step)))
         except BaseException:
             self.abort()
             raise
@@ -160,11 +184,16 @@ class LMCleanCallback(TrainerCallback):
 
     def on_train_end(self, args: Any, state: Any, control: Any, model: torch.nn.Module | None = None,
                      processing_class: Any = None, **kwargs: Any) -> None:
-        if self.recorder is None:
+        if self.recorder is None and not (self._d.active and self._capture is not None):
             return
-        final = int(state.global_step)
+        # DDP: the peers return once rank 0 has closed the store (or stop with its error)
+        collective(self._d, lambda: self._end(int(state.global_step), processing_class))
+
+    def _end(self, final: int, processing_class: Any) -> None:
         try:
             self._unhook()
+            if self.recorder is None:  # a DDP peer
+                return
             if final < self.recorder.meta["planned_steps"]:
                 logger.warning("LMCleanCallback: training stopped at step %d of %d; store %s is left resumable "
                                "(resume_from_checkpoint continues it)", final, self.recorder.meta["planned_steps"],
@@ -192,6 +221,12 @@ class LMCleanCallback(TrainerCallback):
     # -- steps ---------------------------------------------------------------------------------
     def _record(self, t: int) -> None:
         micro = self._capture.take() if self._capture else []
+        if self._d.active:  # every rank's micro-batches, on rank 0; a peer has recorded its part
+            micro = gather_micro(self._d, micro, self._averaged)
+            if not self._d.main:
+                if self._norms:
+                    self._norms.reset()
+                return
         if not micro:
             raise StoreError(f"LMCleanCallback: step {t} ran no training forward through the model; a custom "
                              "compute_loss or training_step must call model(**inputs)")
@@ -228,10 +263,10 @@ class LMCleanCallback(TrainerCallback):
         if getattr(args, "remove_unused_columns", False):
             raise ConfigError(f"LMCleanCallback needs the {self.id_column!r} column, which the Trainer drops: pass "
                               "TrainingArguments(remove_unused_columns=False)")
-        if getattr(args, "world_size", 1) > 1 or getattr(args, "n_gpu", 1) > 1:
-            raise UnsupportedError(f"LMCleanCallback records single-process, single-device training only (this run has "
-                                   f"world_size {getattr(args, 'world_size', 1)}, n_gpu {getattr(args, 'n_gpu', 1)}): "
-                                   "train in one process, or record with `torchrun -m lmclean record` (docs/distributed.md)")
+        if getattr(args, "n_gpu", 1) > 1:
+            raise UnsupportedError(f"LMCleanCallback records one device per process (this run has n_gpu "
+                                   f"{getattr(args, 'n_gpu', 1)}): use one device, or one process per device with "
+                                   "torchrun (DDP; docs/distributed.md)")
         if getattr(args, "label_smoothing_factor", 0.0):
             raise UnsupportedError("LMCleanCallback cannot record label smoothing; set label_smoothing_factor=0")
         if getattr(args, "load_best_model_at_end", False):
@@ -270,7 +305,7 @@ class LMCleanCallback(TrainerCallback):
 
         self.projected = project(
             params=self.manifest.size, steps=int(state.max_steps), max_length=int(max_length),
-            batch_size=int(args.per_device_train_batch_size * args.gradient_accumulation_steps),
+            batch_size=int(args.per_device_train_batch_size * args.gradient_accumulation_steps * self._d.world),
             checkpoint_every=self.checkpoint_every, state_buffers=len(self.rule.state_names()),
             gradients=self.gradients, precision=self.precision, micro_batches=True)
         logger.info("LMCleanCallback: %s", self.projected.line())
@@ -284,7 +319,7 @@ class LMCleanCallback(TrainerCallback):
                                    "replace it, or resume_from_checkpoint to continue its run")
         self.recorder = Recorder.create(
             self.path, manifest=self.manifest, rule=self.rule, planned_steps=int(state.max_steps),
-            batch_size=int(args.per_device_train_batch_size * args.gradient_accumulation_steps),
+            batch_size=int(args.per_device_train_batch_size * args.gradient_accumulation_steps * self._d.world),
             max_length=int(max_length), checkpoint_every=self.checkpoint_every,
             extra_checkpoints=_save_steps(args, state), sample_ids=ids, fingerprints=fps,
             precision=self.precision, codec=self.codec, gradients=self.gradients, config=config,
@@ -295,7 +330,8 @@ class LMCleanCallback(TrainerCallback):
                    # bf16=True: the Trainer's forward runs under bf16 autocast with fp32 master weights;
                    # replay and curvature recompute under the same autocast (lmclean/objective.py)
                    "autocast": "bf16" if getattr(args, "bf16", False) else None,
-                   "device": str(getattr(args, "device", "cpu"))})
+                   "device": str(getattr(args, "device", "cpu")),
+                   **({"world_size": self._d.world} if self._d.active else {})})
         if self._lock is None:
             self._acquire(StoreLock(self.path, "record (transformers.Trainer)"))
 

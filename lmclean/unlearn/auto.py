@@ -252,13 +252,14 @@ def choose_auto(store_path: Path | str, spec: Any, options: Any, output: Any) ->
 
 def apply_choice(options: Any, chosen: dict[str, Any], report: dict[str, Any] | None = None) -> Any:
     """UnlearnOptions running the table configuration `chosen` (method, K, fraction, hvp, refresh,
-    curvature_fraction, tail); the user's seed, device, noise and check steps are kept."""
+    curvature_fraction, tail, curvature_batch); the user's seed, device, noise and check steps are kept."""
     import dataclasses
 
     prop = options.propagation
     operator = dataclasses.replace(prop.operator, hvp=chosen.get("hvp", prop.operator.hvp),
                                    refresh=chosen.get("refresh", prop.operator.refresh),
                                    curvature_fraction=chosen.get("curvature_fraction", 1.0))
-    prop = dataclasses.replace(prop, operator=operator, tail=chosen.get("tail", "carry"), tail_operator=None)
+    prop = dataclasses.replace(prop, operator=operator, tail=chosen.get("tail", "carry"), tail_operator=None,
+                               curvature_batch=chosen.get("curvature_batch", "retained"))
     return dataclasses.replace(options, method=chosen["method"], K=chosen.get("K"), fraction=chosen.get("fraction"),
                                propagation=prop, budget=None, auto_choice=report)

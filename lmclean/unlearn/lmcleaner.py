@@ -14,7 +14,7 @@ M requests cost one sweep of (span + K) products.
 
 The engine asks the curvature operator what it is (lmclean.unlearn.operators) rather than its name:
 the stabiliser applies to PSD operators; a reused operator is estimated at the first step of each
-block of `refresh` steps; a closed-form one (kfac, ekfac) applies each run of injection-free steps
+block of `refresh` steps; a closed-form one (kfac, ekfac, ekfac-rq) applies each run of injection-free steps
 inside a block at once in its eigenbasis, exactly for SGD with momentum and weight decay (the 2×2
 (v, m) recursion per eigen-direction). AdamW takes the per-step products: its preconditioner is
 not diagonal in that basis.
@@ -47,7 +47,8 @@ class PropagationSettings:
     divergence_factor: float = 50.0  # ‖v‖ above this × its largest post-injection value = diverged
     on_divergence: str = "stop"  # stop | damp (raise damping ×10 and sweep again, at most 3 times)
     # "retained": H_t of L_t^{−F} (exact for quadratics); "full": H_t of the recorded L_t, which makes
-    # the map from forget sets to corrections exactly linear (superposition) at second-order cost.
+    # the map from forget sets to corrections exactly linear (superposition) at second-order cost
+    # (except with hvp "ekfac-rq", whose eigenvalue scale depends on the propagated vector).
     curvature_batch: str = "retained"
     # Past the K window: "carry" v unchanged (the paper), or keep propagating it with a reused
     # curvature ("lowrank", "diag", "kfac", "ekfac": estimated at anchor steps, reused for `refresh`).

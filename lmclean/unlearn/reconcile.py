@@ -77,6 +77,10 @@ def reconcile(store_path: Path | str, progress: Progress | None = None,
             report.update(reconciled=False, note="nothing to reconcile: the store already is the run without "
                                                  "every forgotten sample, and its model is the current model")
             return report
+        if store.retained_from > 0:  # the rebuilt store copies rows 0..first-1 and replays from θ[first]
+            raise StoreError(f"store {store_path} keeps steps {store.retained_from}..{T - 1} only (record.keep_steps: "
+                             f"{store.keep_steps}): reconcile rebuilds the whole run from step 0, whose θ and gradients "
+                             "left the window; reconcile needs a store recorded without record.keep_steps")
         if on_start:
             on_start(first, T - first)
         new = build_path(store_path)

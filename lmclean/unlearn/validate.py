@@ -32,8 +32,8 @@ _USERS: dict[str, tuple[Callable[[Chosen], bool], str]] = {
     "budget": (lambda c: c["method"] == "auto", "--method auto"),
     "curvature_fraction": (lambda c: _operator_uses(c, "curvature_fraction"), "--hvp ggn or exact"),
     "rank": (lambda c: _operator_uses(c, "rank"), "--hvp lowrank or --tail lowrank"),
-    "refresh": (lambda c: _operator_uses(c, "refresh"), "--hvp/--tail lowrank, diag, kfac or ekfac"),
-    "anchor_fraction": (lambda c: _operator_uses(c, "anchor_fraction"), "--hvp/--tail lowrank, diag, kfac or ekfac"),
+    "refresh": (lambda c: _operator_uses(c, "refresh"), "--hvp/--tail lowrank, diag, kfac, ekfac or ekfac-rq"),
+    "anchor_fraction": (lambda c: _operator_uses(c, "anchor_fraction"), "--hvp/--tail lowrank, diag, kfac, ekfac or ekfac-rq"),
 }
 _DEFAULTS: dict[str, Any] = {"method": "lmcleaner", "hvp": "ggn", "tail": "carry", "level": "sample"}
 
