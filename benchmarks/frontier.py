@@ -7,6 +7,9 @@ at ≤ 0.3× replay). Rows above the panel's top are drawn on its edge with thei
 
   python benchmarks/frontier.py benchmarks/results/fidelity_*.json --out benchmarks/frontier.png
 
+`A.json+B.json` draws B's rows into A's panel (a later run on the same stores, each row's cost
+relative to its own run's exact replay), e.g. the ekfac-rq runs beside their case's frontier.
+
 Needs matplotlib (the `bench` extra); imported here only, so fidelity.py runs without it.
 """
 
@@ -25,15 +28,16 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "tail=ekfac": ("P", "tab:olive"),
     "ggn": ("o", "tab:blue"),
     "lmcleaner exact": ("h", "tab:cyan"),
+    "ekfac-rq": ("d", "darkgreen"),
     "ekfac": ("^", "tab:green"),
     "kfac": ("s", "tab:orange"),
     "diag": ("v", "tab:purple"),
     "lowrank": ("<", "tab:brown"),
     "fisher": (">", "tab:pink"),
 }
-LABELS = {"replay f=": "control-variate replay", "tail=ekfac": "ggn K=20 + ekfac tail", "lmcleaner exact": "exact Hessian",
+LABELS = {"ekfac-rq": "ekfac rescaled along v (ekfac-rq)", "replay f=": "control-variate replay", "tail=ekfac": "ggn K=20 + ekfac tail", "lmcleaner exact": "exact Hessian",
           "diag": "diag (experimental)", "lowrank": "lowrank (experimental)", "fisher": "fisher (experimental)"}
-DROP = {"lmcleaner", "ggn", "kfac", "ekfac", "exact", "diag", "lowrank", "fisher", "replay", "(exact)", "rollback",
+DROP = {"lmcleaner", "ggn", "kfac", "ekfac", "ekfac-rq", "exact", "diag", "lowrank", "fisher", "replay", "(exact)", "rollback",
         "K=800", "K=20", "tail=ekfac"}
 XMIN = 2e-3  # cheaper rows (rollback of 8 steps: ~0 s) are drawn at this cost
 TOP = 2.5  # residual axis limit: anything above is off the useful scale (1 = did nothing)
@@ -97,12 +101,21 @@ def draw(cases: list[dict], out: Path) -> None:
     plt.close(fig)
 
 
+def _merged(arg: str) -> dict:
+    """One case from `A.json` or `A.json+B.json+...` (A's title and figures, every file's rows)."""
+    first, *more = [json.loads(Path(p).read_text()) for p in arg.split("+")]
+    for extra in more:
+        names = {r["method"] for r in first["rows"]}
+        first["rows"] += [r for r in extra["rows"] if r["method"] not in names]
+    return first
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("cases", type=Path, nargs="+", help="JSON files written by fidelity.py --json")
+    ap.add_argument("cases", nargs="+", help="JSON files written by fidelity.py --json; A.json+B.json: one panel")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/frontier.png"))
     args = ap.parse_args()
-    draw([json.loads(p.read_text()) for p in args.cases], args.out)
+    draw([_merged(arg) for arg in args.cases], args.out)
     print(f"wrote {args.out} ({len(args.cases)} panels)")
 
 

@@ -22,7 +22,7 @@ run tofu_early "TOFU, early steps 8-15 (batch level)" \
     --scenario early --stores runs/tofu/original.zarr --early-steps 8-15 --only "$EARLY"
 run bundled_early "bundled fine-tune, early steps 8-15" \
     --scenario early --stores runs/bench/early/plain/full.zarr --only "$EARLY"
-# the EK-FAC rescaling experiment (fidelity.py's RayleighEKFAC)
+# the EK-FAC rescaling experiment (now `--hvp ekfac-rq`, lmclean/unlearn/operators.py RescaledEKFACOperator)
 RQ="=lmcleaner ekfac-rq K=800 refresh=10,=lmcleaner ekfac-rq K=800 refresh=50"
 $PY benchmarks/fidelity.py --threads 1 --workdir runs/bench15 --json "$R/fidelity_bundled_memorise_ekfac_rq.json" \
     --label "bundled memorise: EK-FAC rescaled along v (experiment)" --only "$RQ"
@@ -37,4 +37,12 @@ run tofu_slice30 "TOFU slice: 1 author in all 30 epochs" \
 $PY benchmarks/fidelity.py --threads 1 --json "$R/fidelity_tofu_memorise_ekfac_rq.json" \
     --label "TOFU memorise: EK-FAC rescaled along v (experiment)" \
     --stores runs/tofu/original.zarr runs/tofu/retrained.zarr --forget 3960-3999 --only "$RQ"
-$PY benchmarks/frontier.py "$R"/fidelity_{tofu_memorise,tofu_slice30,tofu_early,bundled_memorise,bundled_early}.json --out benchmarks/frontier.png
+$PY benchmarks/fidelity.py --threads 1 --json "$R/fidelity_tofu_slice30_ekfac_rq.json" \
+    --label "TOFU slice: EK-FAC rescaled along v (experiment)" \
+    --stores runs/tofu/slice30-original.zarr runs/tofu/slice30-retrained.zarr --forget 3980-3999 --only "$RQ"
+$PY benchmarks/fidelity.py --threads 1 --scenario early --json "$R/fidelity_tofu_early_ekfac_rq.json" \
+    --label "TOFU early: EK-FAC rescaled along v (experiment)" \
+    --stores runs/tofu/original.zarr --early-steps 8-15 --only "$RQ"
+$PY benchmarks/frontier.py "$R"/fidelity_tofu_memorise.json+"$R"/fidelity_tofu_memorise_ekfac_rq.json \
+  "$R"/fidelity_tofu_slice30.json+"$R"/fidelity_tofu_slice30_ekfac_rq.json "$R"/fidelity_tofu_early.json+"$R"/fidelity_tofu_early_ekfac_rq.json \
+  "$R"/fidelity_bundled_memorise.json+"$R"/fidelity_bundled_memorise_ekfac_rq.json "$R"/fidelity_bundled_early.json --out benchmarks/frontier.png

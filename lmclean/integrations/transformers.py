@@ -143,7 +143,7 @@ class LMCleanCallback(TrainerCallback):
                 self._create(args, state, model, train_dataloader)
             ensure_base(model, self.path, self.model_meta, self.recorder.meta.get("model", {"kind": "full"}))
         trainable = [p for p in model.parameters() if p.requires_grad]
-        self._norms = SyncedGradNorms(trainable) if d.active else GradNorms(trainable)
+        self._norms = GradNorms(trainable)
         self._capture = ForwardCapture(model, self.id_column, set(self.exclude), lambda: _zero_loss(trainable))
         self._capture.active = True
         # the Trainer's num_items_in_batch is the count over every rank (w_i = n_i / N); else each rank's own
