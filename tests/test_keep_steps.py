@@ -230,7 +230,7 @@ def test_keep_steps_must_be_positive(data_file: Path) -> None:
     ({"checkpoints": [6, 8, 12]}, "says the run is closed with 12 of 12 steps and checkpoints [6, 8, 12]"),
 ])
 def test_retained_from_claims_are_validated(stores: dict[str, Path], marker: dict, message: str) -> None:
-    from lmclean.store.reader import validate_commit
+    from lmclean.store.commit import validate_commit
 
     w = TrajectoryStore(stores["window"])
     good = json.loads((w.path / "COMMIT.json").read_text())

@@ -11,6 +11,7 @@ import hashlib
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -312,3 +313,35 @@ def scan_dataset(dataset: Any, id_column: str) -> tuple[list[int], list[str], in
         dup = next(i for i in ids if i in seen or seen.add(i))  # type: ignore[func-returns-value]
         raise DataError(f"train_dataset has sample id {dup} more than once; ids must be unique")
     return ids, fps, longest
+
+
+def zero_loss(params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """0, connected to every trainable parameter (a micro-batch whose rows are all excluded)."""
+    return sum(p.reshape(-1)[:1].sum() for p in params) * 0.0  # type: ignore[return-value]
+
+
+def base_model(model: torch.nn.Module) -> torch.nn.Module:
+    get = getattr(model, "get_base_model", None)  # PEFT
+    return get() if callable(get) else model
+
+
+def base_config(model: torch.nn.Module) -> dict[str, Any]:
+    config = getattr(base_model(model), "config", None)
+    return config.to_dict() if config is not None else {}
+
+
+def save_steps(args: Any, state: Any) -> list[int]:
+    """The steps the Trainer saves a checkpoint at: the store checkpoints them too, so that
+    `resume_from_checkpoint` can reopen it there."""
+    every = int(getattr(state, "save_steps", 0) or 0)
+    strategy = getattr(args, "save_strategy", "no")
+    if getattr(strategy, "value", strategy) != "steps" or every <= 0:
+        return []
+    return list(range(every, int(state.max_steps) + 1, every))
+
+
+def pretrained_dir(model: torch.nn.Module) -> Path | None:
+    """The local directory the model was loaded from (the audit's model_digest_before), if any."""
+    name = getattr(getattr(base_model(model), "config", None), "_name_or_path", "") or ""
+    path = Path(name)
+    return path if name and path.is_dir() and any(path.glob("*.safetensors")) else None

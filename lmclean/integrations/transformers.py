@@ -36,8 +36,9 @@ from lmclean.audit.publish import finish_pending_unlearn
 from lmclean.config import LmcleanConfig
 from lmclean.dist import Dist
 from lmclean.errors import ConfigError, DataError, StoreError, StoreExistsError, UnsupportedError
-from lmclean.integrations._capture import (ForwardCapture, GradNorms, active_dropout, online_settings, scan_dataset,
-                                           step_batch, unsupported_optimizer, write_back)
+from lmclean.integrations._capture import (ForwardCapture, GradNorms, active_dropout, base_config, online_settings,
+                                           pretrained_dir, save_steps, scan_dataset, step_batch, unsupported_optimizer,
+                                           write_back, zero_loss)
 from lmclean.integrations._ddp import SyncedGradNorms, agree_all, collective, gather_micro, refuse_under_ddp
 from lmclean.integrations._ddp import group as ddp_group
 from lmclean.optim import rule_from_torch, rule_to_dict
@@ -143,8 +144,8 @@ class LMCleanCallback(TrainerCallback):
                 self._create(args, state, model, train_dataloader)
             ensure_base(model, self.path, self.model_meta, self.recorder.meta.get("model", {"kind": "full"}))
         trainable = [p for p in model.parameters() if p.requires_grad]
-        self._norms = GradNorms(trainable)
-        self._capture = ForwardCapture(model, self.id_column, set(self.exclude), lambda: _zero_loss(trainable))
+        self._norms = SyncedGradNorms(trainable) if d.active else GradNorms(trainable)
+        self._capture = ForwardCapture(model, self.id_column, set(self.exclude), lambda: zero_loss(trainable))
         self._capture.active = True
         # the Trainer's num_items_in_batch is the count over every rank (w_i = n_i / N); else each rank's own
         self._averaged = bool(getattr(args, "average_tokens_across_devices", True))
@@ -321,9 +322,9 @@ class LMCleanCallback(TrainerCallback):
             self.path, manifest=self.manifest, rule=self.rule, planned_steps=int(state.max_steps),
             batch_size=int(args.per_device_train_batch_size * args.gradient_accumulation_steps * self._d.world),
             max_length=int(max_length), checkpoint_every=self.checkpoint_every,
-            extra_checkpoints=_save_steps(args, state), sample_ids=ids, fingerprints=fps,
+            extra_checkpoints=save_steps(args, state), sample_ids=ids, fingerprints=fps,
             precision=self.precision, codec=self.codec, gradients=self.gradients, config=config,
-            model_config=_base_config(model),
+            model_config=base_config(model),
             pad_id=self.pad_id, excluded_ids=self.exclude, overwrite=self.overwrite,
             max_grad_norm=self.max_grad_norm or None, label_mask=True, micro_batches=True,
             extra={"model": self.model_meta, "source": SOURCE, "seed": int(args.seed), "id_column": self.id_column,
@@ -382,7 +383,7 @@ class LMCleanCallback(TrainerCallback):
         resumed = self.start_step > 0
         record_event(self.path, "resume" if resumed else "record", self.config, self.stats.steps, model_dir,
                      time.perf_counter() - self.started, start_step=self.start_step if resumed else None,
-                     excluded_ids=self.exclude, model_before_dir=None if resumed else _pretrained_dir(self.model))
+                     excluded_ids=self.exclude, model_before_dir=None if resumed else pretrained_dir(self.model))
 
     # -- plumbing ----------------------------------------------------------------------------------
     def _unhook(self) -> None:
@@ -413,35 +414,3 @@ def _abort_at_exit() -> None:
     for held in list(_ACTIVE.values()):
         for cb in list(held):
             cb.abort()
-
-
-def _zero_loss(params: list[torch.nn.Parameter]) -> torch.Tensor:
-    """0, connected to every trainable parameter (a micro-batch whose rows are all excluded)."""
-    return sum(p.reshape(-1)[:1].sum() for p in params) * 0.0  # type: ignore[return-value]
-
-
-def _base(model: torch.nn.Module) -> torch.nn.Module:
-    get = getattr(model, "get_base_model", None)  # PEFT
-    return get() if callable(get) else model
-
-
-def _base_config(model: torch.nn.Module) -> dict[str, Any]:
-    config = getattr(_base(model), "config", None)
-    return config.to_dict() if config is not None else {}
-
-
-def _save_steps(args: Any, state: Any) -> list[int]:
-    """The steps the Trainer saves a checkpoint at: the store checkpoints them too, so that
-    `resume_from_checkpoint` can reopen it there."""
-    every = int(getattr(state, "save_steps", 0) or 0)
-    strategy = getattr(args, "save_strategy", "no")
-    if getattr(strategy, "value", strategy) != "steps" or every <= 0:
-        return []
-    return list(range(every, int(state.max_steps) + 1, every))
-
-
-def _pretrained_dir(model: torch.nn.Module) -> Path | None:
-    """The local directory the model was loaded from (the audit's model_digest_before), if any."""
-    name = getattr(getattr(_base(model), "config", None), "_name_or_path", "") or ""
-    path = Path(name)
-    return path if name and path.is_dir() and any(path.glob("*.safetensors")) else None

@@ -20,7 +20,8 @@ import numpy as np
 from lmclean.errors import StoreError, UnsupportedError
 from lmclean.store import format as fmt
 from lmclean.store.codec import ChecksumError
-from lmclean.store.reader import StepGrad, TrajectoryStore, validate_commit
+from lmclean.store.commit import validate_commit
+from lmclean.store.reader import StepGrad, TrajectoryStore
 from lmclean.store.shard import EMPTY, read_index
 
 __all__ = ["BF16_REPLAY_RTOL", "CheckReport", "Problem", "check_store"]

@@ -62,6 +62,18 @@ def peer_steps(store: Path, columns: int) -> int:
     return min(durable, default=1 << 62)
 
 
+
+def pooled_buffer(pool: "queue.Queue[np.ndarray]", thread: threading.Thread, check: Any, stopped: str) -> np.ndarray:
+    """A free buffer from a writer's pool, waiting while all are queued (back-pressure); `check()`
+    re-raises the writer thread's failure, and a writer thread that died without one is `stopped`."""
+    while True:
+        check()
+        try:
+            return pool.get(timeout=1.0)
+        except queue.Empty:
+            if not thread.is_alive():
+                raise StoreError(stopped) from None
+
 class ColumnRows:
     """The rows of a sharded array split into column chunks; writes the owned ones (ShardRowArray's
     interface, so the writer treats it as one array), checks all of them."""
@@ -156,13 +168,8 @@ class PeerWriter:
 
     def grad_buffer(self) -> np.ndarray:
         """A free (P,) buffer (back-pressure: waits while all are queued), as StoreWriter.grad_buffer."""
-        while True:
-            self._raise_if_failed()
-            try:
-                return self._pool.get(timeout=1.0)
-            except queue.Empty:
-                if not self._thread.is_alive():
-                    raise StoreError(f"rank {self.rank}: the writer of store {self.path} stopped") from None
+        return pooled_buffer(self._pool, self._thread, self._raise_if_failed,
+                             f"rank {self.rank}: the writer of store {self.path} stopped")
 
     def put(self, item: Any) -> None:
         self._raise_if_failed()

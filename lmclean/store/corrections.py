@@ -97,7 +97,7 @@ def write_correction(store_path: Path, row: CorrectionRow) -> None:
 
     from lmclean.store import format as fmt
     from lmclean.store.atomic import DirSync
-    from lmclean.store.writer import ChunkFiles
+    from lmclean.store.chunks import ChunkFiles
 
     P = row.theta.shape[0]
     root = zarr.open_group(str(store_path), mode="a", zarr_format=3)

@@ -55,7 +55,7 @@ def write_pinned(store_path: Path | str, t: int, grad: np.ndarray) -> None:
 
     from lmclean.store import format as fmt
     from lmclean.store.atomic import DirSync
-    from lmclean.store.writer import ChunkFiles
+    from lmclean.store.chunks import ChunkFiles
 
     store_path = Path(store_path)
     if _chunk(store_path, t).is_file():  # already pinned (the same values): never drop a row whose tokens may be gone

@@ -20,9 +20,10 @@ import zarr
 
 from lmclean.errors import InputNotFoundError, StoreError, StoreVersionError
 from lmclean.store import format as fmt
-from lmclean.store.codec import ChecksumError, ChunkCodec, array_codec, checked_chunk
-from lmclean.store.corrections import CorrectionEvent, apply_correction, read_correction, validate_events
-from lmclean.store.shard import read_row
+from lmclean.store.chunks import ChunkReader
+from lmclean.store.codec import checked_chunk
+from lmclean.store.commit import validate_commit
+from lmclean.store.corrections import CorrectionEvent, apply_correction, read_correction
 
 
 if TYPE_CHECKING:  # torch (2-3 s to import) is loaded only when θ is: `inspect-log` never needs it
@@ -77,7 +78,7 @@ class TrajectoryStore:
                 f"{fmt.FORMAT_VERSION}; re-record it with `lmclean record` (or read it with lmclean "
                 f"{meta.get('lmclean_version', '?')}, which wrote it)")
         self.meta: dict[str, Any] = meta
-        self._readers: dict[str, _ChunkReader] = {}  # per array: direct chunk reads through the codec path
+        self._readers: dict[str, ChunkReader] = {}  # per array: direct chunk reads through the codec path
         self._seen_committed = 0  # committed steps last read from COMMIT.json (see _check_step)
         self._retained: int | None = None  # the retained start last read (record.keep_steps)
         try:
@@ -145,14 +146,14 @@ class TrajectoryStore:
         if not 0 <= t < n:
             raise StoreError(f"step {t} is not recorded in {self.path}: committed steps are 0..{n - 1}")
 
-    def reader(self, name: str) -> "_ChunkReader":
+    def reader(self, name: str) -> "ChunkReader":
         """The chunk reader of array `name` (e.g. "steps/grad"), made once."""
         if name not in self._readers:
             try:
                 arr = self.root[name]
             except KeyError:
                 raise StoreError(f"store {self.path} lacks the array {name}; it is damaged") from None
-            self._readers[name] = _ChunkReader(self.path, arr)
+            self._readers[name] = ChunkReader(self.path, arr)
         return self._readers[name]
 
     def chunk(self, name: str, index: int, where: str) -> np.ndarray:
@@ -380,108 +381,3 @@ class TrajectoryStore:
         ids = self.all_sample_ids()
         steps, pos = np.nonzero(ids == sample_id)
         return [(int(s), int(p)) for s, p in zip(steps, pos)]
-
-
-class _ChunkReader:
-    """Rows of one array read straight from its chunk files through the codec path (no zarr call).
-
-    zarr's array API costs about 1 ms per read, which made reading the store most of the cost of
-    rollback and of reused-curvature sweeps. Keeps the last decoded chunk of block arrays (a sweep
-    reads their rows in order: one decode per block), keyed by the file's inode, size and mtime so
-    a chunk rewritten in place (scrub, resume) is read again."""
-
-    def __init__(self, store_path: Path, arr: Any) -> None:
-        meta = arr.metadata
-        self.codec: ChunkCodec = array_codec(arr)  # StoreError for a pipeline lmclean does not write
-        self.length = int(arr.shape[0])
-        self.shard_rows = fmt.shard_rows(arr)  # a sharded array: rows per shard file (chunks are rows)
-        self.chunk_shape = self.codec.chunk_shape
-        self.rows = self.chunk_shape[0]
-        self.dir = store_path / arr.path
-        self._key = meta.encode_chunk_key
-        self._ndim = arr.ndim
-        self._cached: tuple[tuple[int, int, int, int], np.ndarray] | None = None
-        self.columns = fmt.column_chunks(arr) if self.shard_rows is not None else 1  # torchrun: one per rank
-        self.width = int(arr.shape[1]) if arr.ndim > 1 else 1
-
-    def key(self, index: int, column: int = 0) -> str:
-        return self._key((index, column) + (0,) * (self._ndim - 2) if self._ndim > 1 else (index,))
-
-    def chunk(self, index: int) -> np.ndarray | None:
-        """Chunk `index` decoded (read-only), or None when its file (or its shard's row) does not
-        exist; ChecksumError when it (or its shard's index) fails its checksum."""
-        if self.shard_rows is not None:
-            shard, row = divmod(index, self.shard_rows)
-            parts = []
-            for column in range(self.columns):  # a torchrun store: each rank's slice of P (store/columns.py)
-                try:
-                    data = read_row(self.dir / self.key(shard, column), row, self.shard_rows)
-                except ChecksumError as exc:
-                    lo = shard * self.shard_rows
-                    part = (f"the index of shard {self.key(shard, column)}, steps {lo}.."
-                            f"{min(lo + self.shard_rows, self.length) - 1}")
-                    raise ChecksumError(str(exc), part) from None
-                if data is None:
-                    return None
-                parts.append(self.codec.decode(data))
-            return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)[:, : self.width]
-        path = self.dir / self.key(index)
-        try:
-            st = path.stat()
-        except FileNotFoundError:
-            return None
-        sig = (index, st.st_ino, st.st_size, st.st_mtime_ns)
-        if self._cached is not None and self._cached[0] == sig:
-            return self._cached[1]
-        value = self.codec.decode(path.read_bytes())
-        if self.rows > 1:
-            self._cached = (sig, value)
-        return value
-
-
-def validate_commit(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
-    """COMMIT.json of the store at `path` with metadata `meta`, or a one-line StoreError saying
-    what is wrong with it: committed_steps an int in 0..planned_steps, checkpoints a sorted list of
-    planned checkpoint steps at or before it, `closed` a bool that is true only when every planned
-    step and checkpoint is committed."""
-    marker = path / fmt.COMMIT_FILE
-    fix = f"the commit marker is damaged: run `lmclean check {path}`, then re-record the store (or restore {marker})"
-    try:
-        state = json.loads(marker.read_text())
-    except FileNotFoundError:
-        raise StoreError(f"store {path} has no {fmt.COMMIT_FILE} (its commit marker): its creation was interrupted "
-                         f"or the file was removed; re-record it with `lmclean record`") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise StoreError(f"store {path}: {fmt.COMMIT_FILE} is not readable JSON ({exc}); {fix}") from exc
-    if not isinstance(state, dict):
-        raise StoreError(f"store {path}: {fmt.COMMIT_FILE} is not a JSON object; {fix}")
-    planned, plan = int(meta["planned_steps"]), [int(s) for s in meta["checkpoint_plan"]]
-    n, cks, closed = state.get("committed_steps"), state.get("checkpoints"), state.get("closed", False)
-    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= planned:
-        raise StoreError(f"store {path}: {fmt.COMMIT_FILE} claims {n!r} committed steps, but the store plans "
-                         f"{planned} (an int in 0..{planned} is valid); {fix}")
-    if (not isinstance(cks, list) or any(isinstance(c, bool) or not isinstance(c, int) for c in cks)
-            or cks != sorted(set(cks))):
-        raise StoreError(f"store {path}: {fmt.COMMIT_FILE} lists checkpoints {cks!r}, not ascending distinct steps; "
-                         f"{fix}")
-    unplanned = [c for c in cks if c not in plan]
-    if unplanned:
-        raise StoreError(f"store {path}: {fmt.COMMIT_FILE} lists checkpoint {unplanned[0]}, which is not in the "
-                         f"checkpoint plan {plan}; {fix}")
-    later = [c for c in cks if c > n]
-    if later:
-        raise StoreError(f"store {path}: {fmt.COMMIT_FILE} lists checkpoint {later[0]} beyond its {n} committed "
-                         f"steps; {fix}")
-    retained = state.get("retained_from", 0)  # record.keep_steps (lmclean/store/retention.py)
-    if isinstance(retained, bool) or not isinstance(retained, int) or not 0 <= retained <= n:
-        raise StoreError(f"store {path}: {fmt.COMMIT_FILE} has retained_from = {retained!r}, not a step in 0..{n}; {fix}")
-    if n > 0 and retained not in cks:
-        raise StoreError(f"store {path}: {fmt.COMMIT_FILE} counts {n} committed steps but not the checkpoint of step "
-                         f"{retained} they start from; {fix}")
-    if not isinstance(closed, bool):
-        raise StoreError(f"store {path}: {fmt.COMMIT_FILE} has closed = {closed!r}, not true or false; {fix}")
-    if closed and (n != planned or cks != [c for c in plan if c >= retained]):
-        raise StoreError(f"store {path}: {fmt.COMMIT_FILE} says the run is closed with {n} of {planned} steps and "
-                         f"checkpoints {cks} of {plan} committed; {fix}")
-    events = validate_events(path, state.get("corrections"), n, fix)
-    return {"committed_steps": n, "checkpoints": cks, "closed": closed, "corrections": events, "retained_from": retained}

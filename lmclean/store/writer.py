@@ -34,12 +34,11 @@ import zarr
 from lmclean.errors import StoreError, StoreExistsError
 from lmclean.store import format as fmt
 from lmclean.store.atomic import PARTIAL_SUFFIX, DirSync, atomic_write_json
-from lmclean.store.atomic import atomic_write_bytes as _atomic_write
-from lmclean.store.codec import array_codec, checked_chunk
+from lmclean.store.chunks import BlockArray, RowArray
 from lmclean.store.corrections import CorrectionRow, write_correction
 from lmclean.store.quant import quantize
 from lmclean.store.retention import Retention, keep_steps_of, read_retained as _read_retained
-from lmclean.store.columns import peer_columns, peer_steps, row_array, wait_for_peers
+from lmclean.store.columns import peer_columns, peer_steps, pooled_buffer, row_array, wait_for_peers
 
 
 @dataclass
@@ -65,113 +64,6 @@ class CheckpointRow:
     step: int
     theta: np.ndarray  # (P,) float32
     state: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (P,) float32
-
-
-class ChunkFiles:
-    """Writes whole chunks of one Zarr v3 array as the chunk files zarr reads (no zarr calls)."""
-
-    def __init__(self, store_path: Path, array: zarr.Array) -> None:
-        meta = array.metadata
-        self.name = array.path
-        self.shape = tuple(array.shape)
-        self.chunk_shape = tuple(meta.chunk_grid.chunk_shape)
-        if self.chunk_shape[1:] != self.shape[1:]:
-            raise StoreError(f"array {self.name} has chunks {self.chunk_shape}, the writer needs whole rows per chunk")
-        self.rows = self.chunk_shape[0]
-        self.codec = array_codec(array)
-        self.dtype = self.codec.dtype
-        self.fill = meta.fill_value
-        self.dir = store_path / array.path
-        self._key = meta.encode_chunk_key
-        if "/" in self.chunk_key(0):
-            raise StoreError(f"array {self.name}: chunk keys with '/' are not the store format (keys are 'c.<i>.0')")
-        self._fd: int | None = None  # the array directory, opened on first write (paths resolve from it)
-
-    def chunk_key(self, index: int) -> str:
-        return self._key((index,) + (0,) * (len(self.shape) - 1))
-
-    def chunk_path(self, index: int) -> Path:
-        return self.dir / self.chunk_key(index)
-
-    def encode(self, data: np.ndarray) -> bytes | memoryview:
-        if data.size != int(np.prod(self.chunk_shape)):
-            raise StoreError(f"array {self.name}: chunk of shape {data.shape}, expected {self.chunk_shape}")
-        return self.codec.encode(data)
-
-    def write_chunk(self, index: int, data: np.ndarray, pending: DirSync | None = None) -> None:
-        """Encode and write chunk `index` atomically (lmclean/store/atomic.py; with `pending`, the
-        directory fsync is left to the caller)."""
-        encoded = self.encode(data)
-        if self._fd is None:
-            self._fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
-        _atomic_write(self.chunk_key(index), encoded, dir_fd=self._fd, pending=pending)
-
-    def read_chunk(self, index: int) -> np.ndarray | None:
-        """Chunk `index` decoded (checksum verified), None when its file does not exist."""
-        try:
-            data = self.chunk_path(index).read_bytes()
-        except FileNotFoundError:
-            return None
-        return self.codec.decode(data, f"array {self.name} chunk {self.chunk_key(index)}")
-
-    def first_missing(self, count: int, first: int = 0) -> int | None:
-        """The first of rows first..count-1 whose chunk file does not exist, or None."""
-        for index in range(first // self.rows, -(-count // self.rows)):
-            if not self.chunk_path(index).is_file():
-                return index * self.rows
-        return None
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-
-class RowArray(ChunkFiles):
-    """An array with one row per chunk (the checkpoints): each row is written as its own chunk file."""
-
-    def __init__(self, store_path: Path, array: zarr.Array) -> None:
-        super().__init__(store_path, array)
-        if self.rows != 1:
-            raise StoreError(f"array {self.name} has {self.rows} rows per chunk, expected 1")
-
-    def write(self, index: int, row: np.ndarray, pending: DirSync | None = None) -> None:
-        if not 0 <= index < self.shape[0]:
-            raise StoreError(f"array {self.name}: row {index} is outside 0..{self.shape[0] - 1}")
-        self.write_chunk(index, row, pending)
-
-
-class BlockArray(ChunkFiles):
-    """An array with `rows` rows per chunk, filled row by row in memory; `flush` writes the block.
-
-    Rows from `start` on begin as fill values; rows of the block before `start` (a resume in the
-    middle of a block) are read back from disk, so rewriting the block keeps them.
-    """
-
-    def __init__(self, store_path: Path, array: zarr.Array, start: int = 0) -> None:
-        super().__init__(store_path, array)
-        self.buf = np.full(self.chunk_shape, self.fill, dtype=self.dtype)
-        self.block = start // self.rows
-        self.dirty = False
-        lo = self.block * self.rows
-        if start > lo:
-            kept = checked_chunk(lambda: self.read_chunk(self.block), store_path, self.name, f"step {lo}")
-            self.buf[: start - lo] = kept[: start - lo]
-
-    def set(self, index: int, row: Any) -> None:
-        """Put row `index` (in order); a completed block is written at once."""
-        block = index // self.rows
-        if block != self.block:
-            self.flush()
-            self.buf.fill(self.fill)
-            self.block = block
-        self.buf[index - block * self.rows] = row
-        self.dirty = True
-
-    def flush(self, pending: DirSync | None = None) -> None:
-        if self.dirty:
-            self.dirty = False
-            self.write_chunk(self.block, self.buf, pending)
 
 
 @dataclass
@@ -290,13 +182,8 @@ class StoreWriter:
     def grad_buffer(self) -> np.ndarray:
         """A free (P,) buffer in the stored dtype to fill and pass as a StepRow's grad (pooled=True);
         waits while all are queued (back-pressure)."""
-        while True:
-            self._raise_if_failed()
-            try:
-                return self._pool.get(timeout=1.0)
-            except queue.Empty:
-                if not self._thread.is_alive():
-                    raise StoreError(f"writing store {self.path} failed: the writer thread stopped") from None
+        return pooled_buffer(self._pool, self._thread, self._raise_if_failed,
+                             f"writing store {self.path} failed: the writer thread stopped")
 
     def put(self, item: StepRow | CheckpointRow | CorrectionRow) -> None:
         self._raise_if_failed()
