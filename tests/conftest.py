@@ -84,3 +84,21 @@ def one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def torchrun(worker: str, *args: str | Path, nproc: int = 2, timeout: int = 600) -> None:
+    """Run tests/<worker> under `torch.distributed.run` with `nproc` gloo processes on a free local
+    port, one torch thread each (two processes on two cores); fails the test with the ranks' stderr."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    here = Path(__file__).parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(here.parent)}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+                           "--master-addr", "127.0.0.1", "--master-port", str(port), str(here / worker),
+                           *map(str, args)], env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-4000:]

@@ -10,10 +10,7 @@ tensors agree to float32 rounding (rtol 1e-5, atol 1e-6), never bit for bit; wha
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,18 +19,12 @@ import pytest
 import torch
 import zarr
 
-from conftest import tiny_config, write_rows
+from conftest import tiny_config, torchrun, write_rows
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _dist_worker import DIST_CONFIG, FORGET  # noqa: E402
 
 ROUNDING = {"rtol": 1e-5, "atol": 1e-6}  # float32 sums of the same terms in another order
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -45,12 +36,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
 
     work = tmp_path_factory.mktemp("dist")
     data = write_rows(work / "data.jsonl", n=16)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent.parent)}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-                           str(Path(__file__).parent / "_dist_worker.py"), str(work), str(data)],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
+    torchrun("_dist_worker.py", work, data)
     train(tiny_config(data, **DIST_CONFIG), work / "run1.zarr")
     for method in ("replay", "lmcleaner"):
         shutil.copytree(work / "run1.zarr", work / f"run1-{method}.zarr")

@@ -8,10 +8,7 @@ ids the distributed sampler fed, a `gradients="recompute"` store, and the refusa
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,25 +18,15 @@ import torch
 pytest.importorskip("transformers")
 sys.path.insert(0, str(Path(__file__).parent))
 from _trainer_ddp_worker import EXCLUDE  # noqa: E402
+from conftest import torchrun  # noqa: E402
 
 from lmclean.store.reader import TrajectoryStore  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     work = tmp_path_factory.mktemp("trainer_ddp")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent.parent)}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-                           str(Path(__file__).parent / "_trainer_ddp_worker.py"), str(work)],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
+    torchrun("_trainer_ddp_worker.py", work)
     return work, json.loads((work / "summary.json").read_text())
 
 
