@@ -15,7 +15,7 @@ from conftest import one_thread, tiny_config, tiny_overrides, write_rows
 from typer.testing import CliRunner
 
 from lmclean.cli.main import app
-from lmclean.store.projection import COST_PER_STEP, RECOMPUTE_PER_STEP, project
+from lmclean.store.projection import RECOMPUTE_PER_STEP, cost_per_step, fidelity_table, project
 
 
 def test_projection_by_hand() -> None:
@@ -26,13 +26,13 @@ def test_projection_by_hand() -> None:
     assert {k: f.bytes for k, f in p.families.items()} == {
         "gradients": 100 * 1000 * 4, "checkpoints": 3 * 1000 * 4 * 3, "tokens_ids": tokens}
     assert p.families["checkpoints"].bytes_per_param_step == pytest.approx(0.36)
-    assert p.unlearn["replay"].training_steps == pytest.approx(COST_PER_STEP["replay"] * 100)
+    assert p.unlearn["replay"].training_steps == pytest.approx(cost_per_step()["replay"] * 100)
     assert project(**kw, precision="bf16").families["gradients"].bytes == 100 * 1000 * 2
     assert project(**kw, precision="int8").families["gradients"].bytes == round(100 * 1000 * (1 + 4 / 256))
     rc = project(**kw, gradients="recompute")
     assert rc.families["gradients"].bytes == 0 and rc.total_bytes == 3 * 1000 * 4 * 3 + tokens
     for m, cost in rc.unlearn.items():
-        assert cost.per_step == pytest.approx(COST_PER_STEP[m] + RECOMPUTE_PER_STEP[m])
+        assert cost.per_step == pytest.approx(cost_per_step()[m] + RECOMPUTE_PER_STEP[m])
     window = project(**kw, keep_steps=10)  # rows of the last 10 steps; the checkpoints at 100 and the one before
     assert window.families["gradients"].bytes == 10 * 1000 * 4 and window.checkpoints == 2
     assert window.unlearn["replay"].steps_swept == 10
@@ -76,3 +76,13 @@ def test_projection_matches_a_recording(tmp_path: Path, mode: str) -> None:
         assert 0.5 < store_size_bytes(grad) / p.families["gradients"].bytes < 1.05
     rows = store_size_bytes(tmp_path / "run.zarr", "steps") - (0 if mode == "recompute" else store_size_bytes(grad))
     assert rows < p.families["tokens_ids"].bytes + 64_000  # zstd-compressed batches, plus the arrays' metadata
+
+
+def test_cost_factors_are_the_worst_measured_in_the_shipped_table() -> None:
+    """The dry-run's factors come from the table `--method auto` uses, not from typed-in figures."""
+    configs = {c["name"]: c["measured"] for c in fidelity_table()["configs"]}
+    worst = {m: max(v["per_step"] for v in configs[name].values())
+             for m, name in (("replay", "replay"), ("rollback", "rollback"), ("lmcleaner", "lmcleaner ggn K=800"))}
+    assert cost_per_step() == worst
+    assert 0.9 < worst["replay"] < 1.5 and worst["lmcleaner"] > worst["replay"] > worst["rollback"]
+

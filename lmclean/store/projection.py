@@ -11,20 +11,39 @@ sweeps the whole run, the upper bound reported here.
 
 from __future__ import annotations
 
+import functools
+import json
 from dataclasses import asdict, dataclass, field
+from importlib import resources
 from typing import Any
 
-__all__ = ["COST_PER_STEP", "RECOMPUTE_PER_STEP", "StoreProjection", "project"]
+from lmclean.store.format import QUANT_BLOCK
 
-# Training steps per swept step, stored gradients: benchmarks/README.md, "Bundled facts, fine-tuning"
-# (`python benchmarks/fidelity.py`, the /step column): replay (exact) 0.99, rollback 0.11, lmcleaner
-# ggn K=800 2.15 (exact 2.94, diag 0.28, lowrank 0.36, fisher 0.16 with `--hvp`).
-COST_PER_STEP: dict[str, float] = {"replay": 0.99, "rollback": 0.11, "lmcleaner": 2.15}
+__all__ = ["RECOMPUTE_PER_STEP", "StoreProjection", "cost_per_step", "fidelity_table", "project"]
+
+# Training steps per swept step, stored gradients: the worst measured over the benchmark cases of the
+# fidelity table the tool ships (the table `--method auto` chooses from), for the configuration each
+# method runs by default.
+DEFAULT_CONFIG = {"replay": "replay", "rollback": "rollback", "lmcleaner": "lmcleaner ggn K=800"}
+
+
+@functools.cache
+def fidelity_table() -> dict[str, Any]:
+    """lmclean/unlearn/fidelity_table.json: measured residual and cost per swept step of each method
+    configuration on each benchmark case, with provenance (read without importing the engine)."""
+    return json.loads(resources.files("lmclean").joinpath("unlearn/fidelity_table.json").read_text(encoding="utf-8"))
+
+
+def cost_per_step() -> dict[str, float]:
+    """method -> its largest measured cost per swept step (training steps) in the fidelity table."""
+    configs = {c["name"]: c for c in fidelity_table()["configs"]}
+    return {m: max(v["per_step"] for v in configs[name]["measured"].values()) for m, name in DEFAULT_CONFIG.items()}
+
+
 # Extra training steps per swept step when θ[t] is rebuilt by recomputing g[t] (`gradients: recompute`):
 # benchmarks/README.md, "Storage modes" (`benchmarks/storage_modes.py`, the extra/step column: one more
 # forward and backward pass per step; a loaded machine, so ±0.3).
 RECOMPUTE_PER_STEP: dict[str, float] = {"replay": 0.92, "rollback": 0.62, "lmcleaner": 0.47}
-QUANT_BLOCK = 256  # int8: one float32 scale per this many parameters (lmclean/store/format.py)
 GRAD_BYTES = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0 + 4.0 / QUANT_BLOCK}
 
 
@@ -100,10 +119,10 @@ def project(*, params: int, steps: int, batch_size: int, max_length: int, checkp
                 (("gradients", grad), ("checkpoints", ck), ("tokens_ids", tokens))}
     swept = T if not keep_steps else kept_steps
     unlearn = {}
-    for method, per_step in COST_PER_STEP.items():
+    for method, per_step in cost_per_step().items():
         extra = RECOMPUTE_PER_STEP[method] if gradients == "recompute" else 0.0
         unlearn[method] = MethodCost(per_step + extra, swept, (per_step + extra) * swept,
-                                     "benchmarks/README.md: fidelity.py /step" + (" + storage_modes.py" if extra else ""))
+                                     "fidelity table (worst case)" + (" + storage_modes.py" if extra else ""))
     return StoreProjection(gradients, precision, P, T, checkpoints, families, unlearn)
 
 

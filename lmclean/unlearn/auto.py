@@ -14,16 +14,14 @@ expected residual whose projected cost fits the budget; a candidate whose expect
 
 from __future__ import annotations
 
-import functools
-import json
 import math
 import re
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from lmclean.errors import ConfigError
+from lmclean.store.projection import fidelity_table
 
 __all__ = ["AutoChoice", "Budget", "Candidate", "RequestShape", "apply_choice", "choose", "choose_auto", "parse_budget", "project",
            "step_seconds", "swept_steps", "table"]
@@ -53,10 +51,9 @@ def parse_budget(text: str) -> Budget:
     return Budget(float(match.group(1)), unit, str(text).strip())
 
 
-@functools.cache
 def table() -> dict[str, Any]:
-    """The shipped fidelity table (lmclean/unlearn/fidelity_table.json)."""
-    return json.loads(resources.files("lmclean.unlearn").joinpath("fidelity_table.json").read_text(encoding="utf-8"))
+    """The shipped fidelity table (lmclean/unlearn/fidelity_table.json; one loader with `record --dry-run`)."""
+    return fidelity_table()
 
 
 @dataclass(frozen=True)
