@@ -21,7 +21,7 @@ Fine-tunes the model of examples/tiny.yaml on examples/finetune.yaml (both recor
 Rows named "cb=full" take the curvature on the recorded batch (`--curvature-batch full`), the others
 on the batch without the forget set (retained). `--json` writes the case (its numbers and command)
 with its rows; benchmarks/frontier.py draws several such files as one figure. Rows "ekfac-rq" run
-`--hvp ekfac-rq` (EK-FAC rescaled along the propagated vector, lmclean/unlearn/operators.py).
+`--hvp ekfac-rq` (EK-FAC rescaled along the propagated vector, lmclean/unlearn/basis_operators.py); rows "krylov" run `--hvp krylov` (lmclean/curvature/krylov.py).
 """
 
 from __future__ import annotations
@@ -198,6 +198,13 @@ def main() -> None:
                 variants.append((f"lmcleaner {hvp} K=800 refresh={refresh} cb=full", lm(hvp, 800, cb="full", refresh=refresh)))
     for refresh in (10, 50):
         variants.append((f"lmcleaner ekfac-rq K=800 refresh={refresh}", lm("ekfac-rq", 800, refresh=refresh)))
+    # the anchor's exact GGN on the Krylov space of the propagated vector (lmclean/curvature/krylov.py);
+    # any "=lmcleaner krylov K=800 refresh=R k=K af=A [seed=S]" named in --only runs too
+    wanted_krylov = [w[1:] for w in (args.only or "").split(",") if w.strip().startswith("=lmcleaner krylov")]
+    for name in dict.fromkeys(["lmcleaner krylov K=800 refresh=16 k=4 af=0.5", *map(str.strip, wanted_krylov)]):
+        kv = dict(part.split("=") for part in name.split()[2:])
+        variants.append((name, lm("krylov", int(kv["K"]), refresh=int(kv["refresh"]), krylov_dim=int(kv["k"]),
+                                  anchor_fraction=float(kv["af"]), seed=int(kv.get("seed", 0)))))
     variants.append(("lmcleaner ekfac K=800 refresh=10 anchor=1", lm("ekfac", 800, refresh=10, anchor_fraction=1.0)))
     variants.append(("lmcleaner ggn K=20 tail=ekfac", lambda: propagate(
         traj, forget, PropagationSettings(K=20, tail="ekfac", operator=OperatorSettings(hvp="ggn", refresh=10)))))

@@ -26,6 +26,7 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "replay f=": ("D", "tab:gray"),
     "rollback": ("X", "tab:red"),
     "tail=ekfac": ("P", "tab:olive"),
+    "krylov": ("p", "crimson"),
     "ggn": ("o", "tab:blue"),
     "lmcleaner exact": ("h", "tab:cyan"),
     "ekfac-rq": ("d", "darkgreen"),
@@ -35,9 +36,9 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "lowrank": ("<", "tab:brown"),
     "fisher": (">", "tab:pink"),
 }
-LABELS = {"ekfac-rq": "ekfac rescaled along v (ekfac-rq)", "replay f=": "control-variate replay", "tail=ekfac": "ggn K=20 + ekfac tail", "lmcleaner exact": "exact Hessian",
+LABELS = {"krylov": "krylov (GGN on v's Krylov space)", "ekfac-rq": "ekfac rescaled along v (ekfac-rq)", "replay f=": "control-variate replay", "tail=ekfac": "ggn K=20 + ekfac tail", "lmcleaner exact": "exact Hessian",
           "diag": "diag (experimental)", "lowrank": "lowrank (experimental)", "fisher": "fisher (experimental)"}
-DROP = {"lmcleaner", "ggn", "kfac", "ekfac", "ekfac-rq", "exact", "diag", "lowrank", "fisher", "replay", "(exact)", "rollback",
+DROP = {"lmcleaner", "krylov", "af=0.5", "ggn", "kfac", "ekfac", "ekfac-rq", "exact", "diag", "lowrank", "fisher", "replay", "(exact)", "rollback",
         "K=800", "K=20", "tail=ekfac"}
 XMIN = 2e-3  # cheaper rows (rollback of 8 steps: ~0 s) are drawn at this cost
 TOP = 2.5  # residual axis limit: anything above is off the useful scale (1 = did nothing)
@@ -49,7 +50,7 @@ def family(method: str) -> str | None:
 
 def short(method: str) -> str:
     """The variant part of a row name, for the point's annotation ("r10 full", "f=0.25", "cf=0.25")."""
-    words = [w.replace("refresh=", "r").replace("cb=full", "full") for w in method.split() if w not in DROP]
+    words = [w.replace("refresh=", "r").replace("k=", "k").replace("cb=full", "full") for w in method.split() if w not in DROP]
     return " ".join(words)
 
 

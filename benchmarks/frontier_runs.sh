@@ -22,7 +22,7 @@ run tofu_early "TOFU, early steps 8-15 (batch level)" \
     --scenario early --stores runs/tofu/original.zarr --early-steps 8-15 --only "$EARLY"
 run bundled_early "bundled fine-tune, early steps 8-15" \
     --scenario early --stores runs/bench/early/plain/full.zarr --only "$EARLY"
-# the EK-FAC rescaling experiment (now `--hvp ekfac-rq`, lmclean/unlearn/operators.py RescaledEKFACOperator)
+# the EK-FAC rescaling experiment (now `--hvp ekfac-rq`, lmclean/unlearn/basis_operators.py RescaledEKFACOperator)
 RQ="=lmcleaner ekfac-rq K=800 refresh=10,=lmcleaner ekfac-rq K=800 refresh=50"
 $PY benchmarks/fidelity.py --threads 1 --workdir runs/bench15 --json "$R/fidelity_bundled_memorise_ekfac_rq.json" \
     --label "bundled memorise: EK-FAC rescaled along v (experiment)" --only "$RQ"

@@ -15,6 +15,8 @@ from torch import Tensor
 
 from lmclean.curvature import flatten, unflatten
 from lmclean.objective import CausalLMObjective, Objective, Params, SquaredErrorObjective, loss_of
+from lmclean.optim import SGDRule
+from lmclean.unlearn import InMemoryTrajectory
 
 
 @dataclass(frozen=True)
@@ -144,3 +146,16 @@ def unflatten_batch(rows: Tensor, reference: Params) -> Params:
         out[name] = rows[:, i : i + p.numel()].reshape(len(rows), *p.shape)
         i += p.numel()
     return out
+
+
+def run_of(model: torch.nn.Module, rule: SGDRule, n: int = 24, batch: int = 4, epochs: int = 3) -> InMemoryTrajectory:
+    """A recorded float64 SGD run of `model` (5 inputs, 2 outputs) on random regression data."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(n, 5, generator=g, dtype=torch.float64)
+    Y = torch.randn(n, 2, generator=g, dtype=torch.float64)
+    batches = [perm[i : i + batch] for perm in (torch.randperm(n, generator=g).tolist() for _ in range(epochs))
+               for i in range(0, n, batch)]
+    lrs = [0.3 * (1 - 0.5 * t / len(batches)) for t in range(len(batches))]
+    model = model.double()
+    theta0 = 0.5 * torch.randn(sum(p.numel() for p in model.parameters()), generator=g, dtype=torch.float64)
+    return InMemoryTrajectory(model, X, Y, batches, lrs, rule, theta0)

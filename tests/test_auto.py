@@ -176,7 +176,8 @@ def test_every_table_configuration_maps_onto_the_options_the_benchmark_ran(name:
     if chosen["method"] == "lmcleaner":
         op, prop = options.propagation.operator, options.propagation
         assert op.hvp == chosen["hvp"] and op.curvature_fraction == chosen.get("curvature_fraction", 1.0)
-        assert op.refresh == chosen.get("refresh", 100) and prop.tail == chosen.get("tail", "carry")
+        assert op.refresh_steps == chosen.get("refresh", 100) and prop.tail == chosen.get("tail", "carry")
+        assert op.krylov_dim == chosen.get("krylov_dim", 4) and op.anchor_fraction == chosen.get("anchor_fraction", 0.5)
         assert prop.curvature_batch == chosen.get("curvature_batch", "retained")
         if prop.tail != "carry":  # the tail's curvature is the named one, with the row's refresh
             assert prop.tail_operator.hvp == prop.tail and prop.tail_operator.refresh == chosen["refresh"]

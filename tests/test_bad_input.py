@@ -148,8 +148,8 @@ BAD_OPTIONS = [
     (["--noise", "-1"], "'--noise'"),
     (["--level", "x"], "'x' is not one of 'sample', 'batch'"),
     (["--method", "x"], "'x' is not one of 'lmcleaner', 'rollback', 'replay'"),
-    (["--hvp", "x"], "'x' is not one of 'ggn', 'exact', 'kfac', 'ekfac', 'ekfac-rq', 'diag', 'lowrank', 'fisher'"),
-    (["--tail", "x"], "'x' is not one of 'carry', 'ekfac', 'kfac', 'lowrank', 'diag'"),
+    (["--hvp", "x"], "'x' is not one of 'ggn', 'exact', 'krylov', 'kfac', 'ekfac', 'ekfac-rq', 'diag', 'lowrank', 'fisher'"),
+    (["--tail", "x"], "'x' is not one of 'carry', 'krylov', 'ekfac', 'kfac', 'lowrank', 'diag'"),
     (["--seed", "-1"], "'--seed'"),
     # combinations that cannot work
     (["--fraction", "0.5"], "--fraction is used only with --method replay, not with --method lmcleaner"),
@@ -159,7 +159,7 @@ BAD_OPTIONS = [
     (["--method", "replay", "--damping", "0.1"], "--damping is used only with --method lmcleaner"),
     (["--method", "rollback", "--K", "5"], "--K is used only with --method lmcleaner or replay"),
     (["--rank", "4"], "--rank is used only with --hvp lowrank or --tail lowrank, not with --hvp ggn --tail carry"),
-    (["--hvp", "exact", "--refresh", "5"], "--refresh is used only with --hvp/--tail lowrank, diag, kfac, ekfac or ekfac-rq"),
+    (["--hvp", "exact", "--refresh", "5"], "--refresh is used only with --hvp/--tail krylov, lowrank, diag, kfac, ekfac or ekfac-rq"),
     (["--hvp", "lowrank", "--curvature-fraction", "0.5"], "--curvature-fraction is used only with --hvp ggn or exact"),
     (["--hvp", "lowrank", "--rank", "10000000"], "--rank 10000000 exceeds the model's"),
 ]

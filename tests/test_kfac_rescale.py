@@ -15,7 +15,7 @@ import torch
 from conftest import error_line
 from typer.testing import CliRunner
 
-from curvature_cases import build_llama, built, random_like
+from curvature_cases import build_llama, built, random_like, run_of
 from lmclean.curvature import flatten, ggn_vp, kronecker_curvature, unflatten
 from lmclean.optim import SGDRule
 from lmclean.params import ParamManifest
@@ -70,20 +70,9 @@ def test_ratios_are_clipped_and_nonpositive_parts_keep_their_scale() -> None:
     close(flatten(curv.rescaled_along(v, negative).matvec(u)), flatten(curv.matvec(u)))
 
 
-# --- the operator `--hvp ekfac-rq` (lmclean/unlearn/operators.py) in the engine and the CLI ---
+# --- the operator `--hvp ekfac-rq` (lmclean/unlearn/basis_operators.py) in the engine and the CLI ---
 
 
-def run_of(model: torch.nn.Module, rule: SGDRule, n: int = 24, batch: int = 4, epochs: int = 3) -> InMemoryTrajectory:
-    """A recorded float64 SGD run of `model` (5 inputs, 2 outputs) on random regression data."""
-    g = torch.Generator().manual_seed(0)
-    X = torch.randn(n, 5, generator=g, dtype=torch.float64)
-    Y = torch.randn(n, 2, generator=g, dtype=torch.float64)
-    batches = [perm[i : i + batch] for perm in (torch.randperm(n, generator=g).tolist() for _ in range(epochs))
-               for i in range(0, n, batch)]
-    lrs = [0.3 * (1 - 0.5 * t / len(batches)) for t in range(len(batches))]
-    model = model.double()
-    theta0 = 0.5 * torch.randn(sum(p.numel() for p in model.parameters()), generator=g, dtype=torch.float64)
-    return InMemoryTrajectory(model, X, Y, batches, lrs, rule, theta0)
 
 
 def sweep(run: InMemoryTrajectory, hvp: str, refresh: int, forget: set[int]):  # noqa: ANN201
@@ -147,7 +136,7 @@ def test_operator_rescales_its_anchor_along_the_first_vector() -> None:
 @pytest.mark.parametrize("args, needle", [
     (["--hvp", "ekfac-rq", "--curvature-fraction", "0.5"],
      "--curvature-fraction is used only with --hvp ggn or exact, not with --hvp ekfac-rq --tail carry"),
-    (["--hvp", "ggn", "--refresh", "10"], "--refresh is used only with --hvp/--tail lowrank, diag, kfac, ekfac or ekfac-rq"),
+    (["--hvp", "ggn", "--refresh", "10"], "--refresh is used only with --hvp/--tail krylov, lowrank, diag, kfac, ekfac or ekfac-rq"),
     (["--method", "replay", "--hvp", "ekfac-rq"], "--hvp is used only with --method lmcleaner"),
     (["--tail", "ekfac-rq"], "--tail"),
 ])

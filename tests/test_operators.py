@@ -172,13 +172,15 @@ def test_operators_declare_what_they_are() -> None:
     flags = {name: (cls.psd, cls.per_step, cls.closed_form) for name, cls in OPERATORS.items()}
     assert flags == {"ggn": (True, True, False), "exact": (False, True, False), "fisher": (True, True, False),
                      "diag": (True, False, False), "lowrank": (True, False, False),
-                     "kfac": (True, False, True), "ekfac": (True, False, True), "ekfac-rq": (True, False, True)}
+                     "kfac": (True, False, True), "ekfac": (True, False, True), "ekfac-rq": (True, False, True),
+                     "krylov": (True, False, True)}
     manifest = ParamManifest.from_model(torch.nn.Linear(5, 2))
     s = OperatorSettings(refresh=10, rank=4, lanczos_iter=3, diag_probes=6, mc_samples=2)
     costs = {name: make_operator(OperatorSettings(**{**s.__dict__, "hvp": name}), manifest).products_for(25)
              for name in OPERATORS}
     assert costs == {"ggn": 25, "exact": 25, "fisher": 0, "diag": 18, "lowrank": 18, "kfac": 6, "ekfac": 6,
-                     "ekfac-rq": 9}  # + one calibration product per anchor
+                     "ekfac-rq": 9,  # + one calibration product per anchor
+                     "krylov": 12}  # krylov_dim (default 4) per anchor
     with pytest.raises(ConfigError, match="--hvp 'kfc' is not known"):
         make_operator(OperatorSettings(hvp="kfc"), manifest)
     with pytest.raises(ConfigError, match="--tail 'ggn' must be carry or a reused curvature"):

@@ -83,7 +83,7 @@ def test_inspect_log_plain_json_sample_and_step(recorded: tuple[Path, Path, dict
     assert data["step"]["grad_norm"] == pytest.approx(float(s.grad(4).double().norm()), rel=1e-6)
     shown = _invoke("inspect-log", store, "--sample", sid, "--step", 4)
     assert f"sample {sid} (fingerprint" in shown.stdout and "seen 2 times" in shown.stdout
-    assert f"step 4: lr" in shown.stdout
+    assert "step 4: lr" in shown.stdout
 
 
 @pytest.mark.parametrize("step", [7, None])

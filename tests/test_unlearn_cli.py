@@ -116,7 +116,7 @@ def test_dry_run_writes_nothing(store: Path, tmp_path: Path) -> None:
     (["--forget", "9999"], "sample id 9999 is not in store"),
     (["--forget", "abc"], "cannot read ids"),
     ([], "nothing to forget"),
-    (["--forget", "101", "--hvp", "newton"], "'newton' is not one of 'ggn', 'exact', 'kfac', 'ekfac', 'ekfac-rq', 'diag', 'lowrank', 'fisher'"),
+    (["--forget", "101", "--hvp", "newton"], "'newton' is not one of 'ggn', 'exact', 'krylov', 'kfac', 'ekfac', 'ekfac-rq', 'diag', 'lowrank', 'fisher'"),
     (["--forget", "101", "--method", "magic"], "'magic' is not one of 'lmcleaner', 'rollback', 'replay'"),
     (["--steps", "999"], "is not a recorded step"),
     (["--forget", "101", "--hvp", "lowrank", "--anchor-fraction", "0"], "'--anchor-fraction': 0 is not in (0, 1]"),

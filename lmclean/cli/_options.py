@@ -20,10 +20,10 @@ except ImportError:  # pragma: no cover
 
 Method = Literal["lmcleaner", "rollback", "replay", "auto"]
 Level = Literal["sample", "batch"]
-Curvature = Literal["ggn", "exact", "kfac", "ekfac", "ekfac-rq", "diag", "lowrank", "fisher"]
+Curvature = Literal["ggn", "exact", "krylov", "kfac", "ekfac", "ekfac-rq", "diag", "lowrank", "fisher"]
 OnDivergence = Literal["stop", "damp"]
 CurvatureBatch = Literal["retained", "full"]
-Tail = Literal["carry", "ekfac", "kfac", "lowrank", "diag"]
+Tail = Literal["carry", "krylov", "ekfac", "kfac", "lowrank", "diag"]
 DEVICE_HELP = "auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps."
 
 

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from lmclean.cli._app import abort, err, handle_errors, on_store, out, print_json
-from lmclean.errors import AuditError, InputNotFoundError, StoreError
+from lmclean.errors import AuditError, InputNotFoundError
 
 if TYPE_CHECKING:  # lmclean.audit loads zarr (0.6 s): imported where used, so `lmclean --help` stays fast
     from lmclean.audit import AuditLog

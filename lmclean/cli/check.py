@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from lmclean.cli._app import abort, err, handle_errors, on_store, out, print_json, progress_bar
+from lmclean.cli._app import abort, handle_errors, on_store, out, print_json, progress_bar
 
 
 @handle_errors

@@ -14,16 +14,19 @@ from lmclean.curvature._tree import as_flat_matvec, flatten, unflatten
 from lmclean.curvature.diag import diag_vp, ggn_diagonal_hutchinson, hessian_diagonal_hutchinson
 from lmclean.curvature.exact import hvp, make_hvp
 from lmclean.curvature.fisher import fisher_vp, fisher_vp_at
-from lmclean.curvature.ggn import ggn_vp, ggn_vp_batched
+from lmclean.curvature.ggn import GGNAt, ggn_vp, ggn_vp_batched
 from lmclean.curvature.kfac import KroneckerCurvature, kronecker_curvature
+from lmclean.curvature.krylov import KrylovCurvature, krylov_curvature
 from lmclean.curvature.lowrank import LowRankCurvature, top_eigenpairs
 from lmclean.errors import ConfigError
 from lmclean.objective import Objective, Params
 
 __all__ = [
+    "GGNAt",
     "PRODUCTS",
     "CurvatureProduct",
     "KroneckerCurvature",
+    "KrylovCurvature",
     "LowRankCurvature",
     "as_flat_matvec",
     "diag_vp",
@@ -37,6 +40,7 @@ __all__ = [
     "hessian_diagonal_hutchinson",
     "hvp",
     "kronecker_curvature",
+    "krylov_curvature",
     "make_hvp",
     "top_eigenpairs",
     "unflatten",

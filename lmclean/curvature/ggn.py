@@ -16,7 +16,7 @@ from lmclean.curvature._tree import check_like
 from lmclean.errors import ConfigError
 from lmclean.objective import Objective, Params
 
-__all__ = ["ggn_vp", "ggn_vp_batched"]
+__all__ = ["GGNAt", "ggn_vp", "ggn_vp_batched"]
 
 
 def ggn_vp(obj: Objective, params: Params, vec: Params) -> Params:
@@ -32,6 +32,50 @@ def ggn_vp(obj: Objective, params: Params, vec: Params) -> Params:
     # The backward runs after the dual level closes: backward kernels need no forward-mode rules.
     grads = torch.autograd.grad(out, list(leaves.values()), hjv, allow_unused=True)
     return {k: torch.zeros_like(p) if g is None else g for (k, p), g in zip(params.items(), grads)}
+
+
+class GGNAt:
+    """Several GGN products at one θ on one objective (Lanczos takes k of them at an anchor): one
+    forward pass with its graph, kept for every product's vjp (retain_graph), and J v per product by a
+    central difference of two forward passes without a graph, (f(θ + hv) − f(θ − hv)) / 2h.
+
+    Why: on CPU forward-mode AD through an eager transformer costs about three forward passes (the
+    dual forward of `ggn_vp`), so each product cost about 2.3 training steps; this way the first costs
+    about one forward more than a training step and the others about two forwards and a backward
+    (benchmarks/README.md, "Krylov"). The difference is exact up to O(h²) truncation and rounding:
+    h is set so that ‖h v‖ = ``rel_step``·max(‖θ‖, 1), ``rel_step`` 4e-5 in float32 and float64 alike
+    (transformers keeps norms and softmax in float32 inside a float64 model). Along Lanczos vectors of the TOFU model (high curvature: truncation dominates) 2e-3 gave
+    relative errors of 3–40%, 4e-5 gives about 1e-4 (tests/test_krylov.py bounds it on a small
+    model). Where rounding would swamp the difference, autocast (bf16/fp16) or TF32 matmuls on CUDA,
+    each product takes the dual forward of `ggn_vp` instead."""
+
+    def __init__(self, obj: Objective, params: Params, rel_step: float | None = None) -> None:
+        self.obj, self.params = obj, params
+        ref = next(iter(params.values()))
+        tf32 = ref.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
+        self.fd = getattr(obj, "autocast", None) is None and ref.dtype in (torch.float32, torch.float64) and not tf32
+        self.rel_step = 4e-5 if rel_step is None else rel_step
+        self.scale = max(float(torch.sqrt(sum((p.detach().double() ** 2).sum() for p in params.values()))), 1.0)
+        self._graph: tuple[dict[str, Tensor], Tensor] | None = None
+
+    def __call__(self, vec: Params) -> Params:
+        check_like(self.params, vec)
+        if not self.fd:
+            return ggn_vp(self.obj, self.params, vec)
+        if self._graph is None:
+            leaves = {k: p.detach().requires_grad_(True) for k, p in self.params.items()}
+            self._graph = (leaves, self.obj.outputs(leaves))
+        leaves, out = self._graph
+        norm = float(torch.sqrt(sum((x.double() ** 2).sum() for x in vec.values())))
+        if norm == 0:
+            return {k: torch.zeros_like(p) for k, p in self.params.items()}
+        h = self.rel_step * self.scale / norm
+        with torch.no_grad():
+            plus = self.obj.outputs({k: p.detach() + h * vec[k] for k, p in self.params.items()})
+            minus = self.obj.outputs({k: p.detach() - h * vec[k] for k, p in self.params.items()})
+        hjv = self.obj.output_hvp(out.detach(), (plus - minus) / (2 * h))  # (N, C)
+        grads = torch.autograd.grad(out, list(leaves.values()), hjv, retain_graph=True, allow_unused=True)
+        return {k: torch.zeros_like(p) if g is None else g for (k, p), g in zip(self.params.items(), grads)}
 
 
 def ggn_vp_batched(obj: Objective, params: Params, vecs: Params) -> Params:

@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from lmclean.curvature._tree import check_like
+from lmclean.curvature.closed_form import diagonal_recursion
 from lmclean.errors import ConfigError
 from lmclean.objective import CausalLMObjective, Objective, Params, SquaredErrorObjective
 
@@ -147,24 +148,9 @@ class KroneckerCurvature:
         for the whole window instead of one product per step. ``max_step`` caps η·λ per direction
         (the stabiliser's bound in this basis; None: no cap). Returns v, m and the number of steps
         in which some direction was capped."""
-        lam = self.eigenvalues()
         cv = self.to_eigenbasis(v)
         cm = self.to_eigenbasis(m) if m is not None else None
-        capped = 0
-        for eta in lrs:
-            hit = False
-            for i, (l, c) in enumerate(zip(lam, cv)):
-                step = eta * l
-                if max_step is not None and bool((step > max_step).any()):
-                    hit = True
-                    step = step.clamp(max=max_step)
-                d = (step / eta if eta else l) * c + shift * c
-                if cm is None:
-                    cv[i] = c - eta * d
-                else:
-                    cm[i] = momentum * cm[i] + d
-                    cv[i] = c - eta * cm[i]
-            capped += hit
+        capped = diagonal_recursion(self.eigenvalues(), cv, cm, lrs, momentum, shift, max_step)
         return self.from_eigenbasis(cv), (self.from_eigenbasis(cm) if cm is not None else None), capped
 
 

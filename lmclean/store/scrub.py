@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -42,7 +41,6 @@ __all__ = [
     "PENDING_FILENAME",
     "TOMBSTONE_ARRAY",
     "ScrubResult",
-    "finish_pending_scrub",
     "pending_scrub",
     "scrub_samples",
     "tombstones",

@@ -166,7 +166,7 @@ class ShardRowArray:
         if not self._staged:
             return
         assert self._fd is not None and self._scratch is not None
-        first_row, offset = self._staged[0][0], self._staged[0][1]
+        offset = self._staged[0][1]
         view = memoryview(self._scratch)[: self._used]
         try:
             self._write_data(offset, view)

@@ -248,13 +248,15 @@ def choose_auto(store_path: Path | str, spec: Any, options: Any, output: Any) ->
 
 
 def apply_choice(options: Any, chosen: dict[str, Any], report: dict[str, Any] | None = None) -> Any:
-    """UnlearnOptions running the table configuration `chosen` (method, K, fraction, hvp, refresh,
+    """UnlearnOptions running the table configuration `chosen` (method, K, fraction, hvp, refresh, krylov_dim, anchor_fraction,
     curvature_fraction, tail, curvature_batch); the user's seed, device, noise and check steps are kept."""
     import dataclasses
 
     prop = options.propagation
     operator = dataclasses.replace(prop.operator, hvp=chosen.get("hvp", prop.operator.hvp),
                                    refresh=chosen.get("refresh", prop.operator.refresh),
+                                   krylov_dim=chosen.get("krylov_dim", prop.operator.krylov_dim),
+                                   anchor_fraction=chosen.get("anchor_fraction", prop.operator.anchor_fraction),
                                    curvature_fraction=chosen.get("curvature_fraction", 1.0))
     prop = dataclasses.replace(prop, operator=operator, tail=chosen.get("tail", "carry"), tail_operator=None,
                                curvature_batch=chosen.get("curvature_batch", "retained"))

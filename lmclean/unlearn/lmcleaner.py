@@ -14,7 +14,7 @@ M requests cost one sweep of (span + K) products.
 
 The engine asks the curvature operator what it is (lmclean.unlearn.operators) rather than its name:
 the stabiliser applies to PSD operators; a reused operator is estimated at the first step of each
-block of `refresh` steps; a closed-form one (kfac, ekfac, ekfac-rq) applies each run of injection-free steps
+block of `refresh` steps; a closed-form one (krylov, kfac, ekfac, ekfac-rq) applies each run of injection-free steps
 inside a block at once in its eigenbasis, exactly for SGD with momentum and weight decay (the 2×2
 (v, m) recursion per eigen-direction). AdamW takes the per-step products: its preconditioner is
 not diagonal in that basis.
@@ -51,7 +51,7 @@ class PropagationSettings:
     # (except with hvp "ekfac-rq", whose eigenvalue scale depends on the propagated vector).
     curvature_batch: str = "retained"
     # Past the K window: "carry" v unchanged (the paper), or keep propagating it with a reused
-    # curvature ("lowrank", "diag", "kfac", "ekfac": estimated at anchor steps, reused for `refresh`).
+    # curvature ("krylov", "lowrank", "diag", "kfac", "ekfac": estimated at anchor steps, reused for `refresh`).
     tail: str = "carry"
     # Keep each linearised step non-expansive for PSD curvature: where η_t·λ(G) > 2 (training at the
     # edge of stability) (I − ηG) flips and grows v, which the real dynamics do not do. The curvature

@@ -17,7 +17,7 @@ from torch import Tensor
 from lmclean.dist import Dist, current
 from lmclean.objective import CausalLMObjective, MicroBatchedObjective, Objective, SquaredErrorObjective
 
-__all__ = ["share_of", "summed"]
+__all__ = ["share_of", "summed", "summed_operator"]
 
 
 def share_of(obj: Objective, d: Dist) -> Objective | None:
@@ -49,3 +49,15 @@ def summed(obj: Objective, compute: Callable[[Objective], Tensor], zeros: Callab
         return compute(obj)
     part = share_of(obj, d)
     return d.sum_(compute(part) if part is not None else zeros())
+
+
+def summed_operator(obj: Objective, make: Callable[[Objective], Callable[[Tensor], Tensor]]) -> Callable[[Tensor], Tensor]:
+    """A linear map that is a sum over the objective's samples and keeps state between calls (a
+    forward graph reused by several products): `make` is called once, on this rank's share, and
+    each call is all-reduced; every rank must make the same calls (as with `summed`)."""
+    d = current()
+    if not d.active:
+        return make(obj)
+    part = share_of(obj, d)
+    local = make(part) if part is not None else None
+    return lambda v: d.sum_(local(v) if local is not None else v.new_zeros(v.shape))

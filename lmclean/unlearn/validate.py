@@ -32,8 +32,9 @@ _USERS: dict[str, tuple[Callable[[Chosen], bool], str]] = {
     "budget": (lambda c: c["method"] == "auto", "--method auto"),
     "curvature_fraction": (lambda c: _operator_uses(c, "curvature_fraction"), "--hvp ggn or exact"),
     "rank": (lambda c: _operator_uses(c, "rank"), "--hvp lowrank or --tail lowrank"),
-    "refresh": (lambda c: _operator_uses(c, "refresh"), "--hvp/--tail lowrank, diag, kfac, ekfac or ekfac-rq"),
-    "anchor_fraction": (lambda c: _operator_uses(c, "anchor_fraction"), "--hvp/--tail lowrank, diag, kfac, ekfac or ekfac-rq"),
+    "refresh": (lambda c: _operator_uses(c, "refresh"), "--hvp/--tail krylov, lowrank, diag, kfac, ekfac or ekfac-rq"),
+    "krylov_dim": (lambda c: _operator_uses(c, "krylov_dim"), "--hvp/--tail krylov"),
+    "anchor_fraction": (lambda c: _operator_uses(c, "anchor_fraction"), "--hvp/--tail krylov, lowrank, diag, kfac, ekfac or ekfac-rq"),
 }
 _DEFAULTS: dict[str, Any] = {"method": "lmcleaner", "hvp": "ggn", "tail": "carry", "level": "sample"}
 
