@@ -1,5 +1,5 @@
 """Run by tests/test_distributed.py under `torchrun --nproc-per-node 2`: record a store with 2 ranks,
-then unlearn it (replay, lmcleaner) with 2 ranks, through the library calls the CLI makes."""
+then unlearn it (replay, lmcleaner with ggn and with krylov) with 2 ranks, through the library calls the CLI makes."""
 
 from __future__ import annotations
 
@@ -27,12 +27,12 @@ def main(workdir: Path, data: Path) -> None:
     store = workdir / "run2.zarr"
     result = train(tiny_config(data, **DIST_CONFIG), store)
     out: dict[str, object] = {"final_loss": result.final_loss}
-    for method in ("replay", "lmcleaner"):
+    for method in METHODS:
         copy = workdir / f"run2-{method}.zarr"
         if d.main:
             shutil.copytree(store, copy)
         d.barrier()
-        report = unlearn(copy, ForgetSpec(ids=FORGET), UnlearnOptions(method=method),
+        report = unlearn(copy, ForgetSpec(ids=FORGET), options_for(method),
                          OutputSpec(out=workdir / f"out2-{method}"), Requester())
         out[method] = report["delta_norm"]
     try:
@@ -45,6 +45,19 @@ def main(workdir: Path, data: Path) -> None:
 
 DIST_CONFIG = {"train.epochs": 2, "train.batch_size": 5, "record.checkpoint_every": 3}
 FORGET = "103,107"
+METHODS = ("replay", "lmcleaner", "krylov")  # krylov: lmcleaner --hvp krylov (its anchor's products all-reduced)
+
+
+def options_for(method: str):  # noqa: ANN201
+    """The UnlearnOptions each compared run uses, on 2 ranks and on 1."""
+    from lmclean.unlearn.lmcleaner import PropagationSettings
+    from lmclean.unlearn.operators import OperatorSettings
+    from lmclean.unlearn.service import UnlearnOptions
+
+    if method == "krylov":
+        return UnlearnOptions(method="lmcleaner", propagation=PropagationSettings(
+            operator=OperatorSettings(hvp="krylov", refresh=3, krylov_dim=3, anchor_fraction=1.0)))
+    return UnlearnOptions(method=method)
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]), Path(sys.argv[2]))

@@ -1,7 +1,7 @@
 """torchrun with 2 CPU processes (gloo) records and unlearns what one process does.
 
 One `torchrun --nproc-per-node 2` launch (tests/_dist_worker.py) records a tiny store and unlearns
-it with replay and lmcleaner; the same is run here in one process, and the two are compared. The
+it with replay and lmcleaner (ggn, krylov); the same is run here in one process, and the two are compared. The
 ranks sum half-batch gradients (and curvature products): the same sums in another order, so
 tensors agree to float32 rounding (rtol 1e-5, atol 1e-6), never bit for bit; what is copied
 (ids, tokens, weights, lr) agrees exactly.
@@ -22,7 +22,7 @@ import zarr
 from conftest import tiny_config, torchrun, write_rows
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _dist_worker import DIST_CONFIG, FORGET  # noqa: E402
+from _dist_worker import DIST_CONFIG, FORGET, METHODS, options_for  # noqa: E402
 
 ROUNDING = {"rtol": 1e-5, "atol": 1e-6}  # float32 sums of the same terms in another order
 
@@ -32,15 +32,15 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     """(workdir, the 2-rank worker's summary): 2-rank store run2.zarr and outputs, 1-rank run1.zarr and outputs."""
     from lmclean.train.trainer import train
     from lmclean.unlearn.request import ForgetSpec, Requester
-    from lmclean.unlearn.service import OutputSpec, UnlearnOptions, unlearn
+    from lmclean.unlearn.service import OutputSpec, unlearn
 
     work = tmp_path_factory.mktemp("dist")
     data = write_rows(work / "data.jsonl", n=16)
     torchrun("_dist_worker.py", work, data)
     train(tiny_config(data, **DIST_CONFIG), work / "run1.zarr")
-    for method in ("replay", "lmcleaner"):
+    for method in METHODS:
         shutil.copytree(work / "run1.zarr", work / f"run1-{method}.zarr")
-        unlearn(work / f"run1-{method}.zarr", ForgetSpec(ids=FORGET), UnlearnOptions(method=method),
+        unlearn(work / f"run1-{method}.zarr", ForgetSpec(ids=FORGET), options_for(method),
                 OutputSpec(out=work / f"out1-{method}"), Requester())
     return work, json.loads((work / "dist.json").read_text())
 
@@ -91,7 +91,7 @@ def test_two_rank_store_passes_check_and_final_model_matches(runs: tuple[Path, d
         torch.testing.assert_close(two[name], one[name], **ROUNDING)
 
 
-@pytest.mark.parametrize("method", ["replay", "lmcleaner"])
+@pytest.mark.parametrize("method", METHODS)
 def test_two_rank_unlearn_equals_one_rank(runs: tuple[Path, dict], method: str) -> None:
     from safetensors.torch import load_file
 
@@ -104,8 +104,10 @@ def test_two_rank_unlearn_equals_one_rank(runs: tuple[Path, dict], method: str) 
         torch.testing.assert_close(two[name], one[name], **ROUNDING)
     events = [r["kind"] for r in AuditLog(work / f"run2-{method}.zarr").records()]
     assert events.count("unlearn") == 1  # rank 0 alone audits
-    assert summary[method] == pytest.approx(
-        json.loads((work / f"out1-{method}" / "unlearn_report.json").read_text())["delta_norm"], rel=1e-5)
+    report = json.loads((work / f"out1-{method}" / "unlearn_report.json").read_text())
+    assert summary[method] == pytest.approx(report["delta_norm"], rel=1e-5)
+    if method == "krylov":  # the anchors' Lanczos products were taken (and, on 2 ranks, all-reduced)
+        assert report["hvp"] == "krylov" and report["curvature_products"] > 0
 
 
 def test_auto_is_refused_under_torchrun(runs: tuple[Path, dict]) -> None:
