@@ -155,3 +155,23 @@ def test_divergence_guard_names_the_step(store: Path) -> None:
     bad.on_divergence = "damp"  # retry with more damping instead of stopping
     res = propagate(traj, forget, bad)
     assert torch.isfinite(res.delta).all() and res.divergence.startswith("recovered")
+
+
+def test_divergence_guard_holds_where_every_step_is_a_yardstick() -> None:
+    """AdamW: every step up to the last affected one raises the post-injection yardstick, so a
+    correction that grows at each of those steps never exceeds 50× it; the guard against 50× ‖θ‖
+    still stops it (a correction 50 times the whole model is no answer), naming that bound."""
+    from lmclean.optim import AdamWRule
+    from lmclean.unlearn import InMemoryTrajectory
+
+    g = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(12, 3, generator=g, dtype=torch.float64), torch.randn(12, 2, generator=g, dtype=torch.float64)
+    batches = [[i, (i + 1) % 12, (i + 5) % 12] for i in range(12)]  # sample 0 in the first and the last steps
+    model = torch.nn.Linear(3, 2).double()
+    run = InMemoryTrajectory(model, X, Y, batches, [0.05] * 12, AdamWRule(), 0.1 * torch.randn(8, generator=g, dtype=torch.float64))
+    assert max(run.occurrences({0})) == len(batches) - 1
+    bad = PropagationSettings(K=800, damping=-1e4, operator=OperatorSettings(hvp="ggn"))
+    with pytest.raises(DivergenceError, match=r"diverged at step \d+: .* over 50× the parameters' own norm"):
+        propagate(run, ForgetSet(sample_ids={0}), bad)
+    fine = propagate(run, ForgetSet(sample_ids={0}), PropagationSettings(K=800, operator=OperatorSettings(hvp="ggn")))
+    assert torch.isfinite(fine.delta).all() and float(fine.delta.norm()) > 0

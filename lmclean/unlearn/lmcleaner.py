@@ -160,6 +160,7 @@ def _sweep(traj: Trajectory, forget: ForgetSet, settings: PropagationSettings, d
     uniform = is_uniform(rule)
     v = m = s2 = None  # (P,) perturbations of θ, of the momentum buffer (Adam: exp_avg) and of exp_avg_sq
     reference = 0.0
+    theta_norm = 1.0  # ‖θ‖ at the sweep's first step, set below
     result = SweepResult(torch.zeros(0), "lmcleaner", sorted(affected), (first, end), damping=damping)
     # closed-form windows: steps without injections whose curvature is a reused eigenbasis estimate
     # are collected here and applied at once (SGD and momentum: exact for the fixed curvature)
@@ -179,11 +180,18 @@ def _sweep(traj: Trajectory, forget: ForgetSet, settings: PropagationSettings, d
         result.v_norms.append((t, norm))
         if progress:
             progress(t, norm)
+        # the correction is also never allowed past divergence_factor × ‖θ‖: the post-injection yardstick
+        # grows with v wherever every step counts (AdamW up to the last affected step)
         if not math.isfinite(norm) or (reference > 0 and norm > settings.divergence_factor * reference):
-            raise DivergenceError(
-                f"propagation diverged at step {t}: ‖v‖ = {norm:.3g} is over {settings.divergence_factor:g}× its "
-                f"post-injection size {reference:.3g} (hvp={settings.operator.hvp}, damping={damping:g}); "
-                "raise --damping, lower --K, use --hvp ggn, or pass --on-divergence damp")
+            what = f"its post-injection size {reference:.3g}"
+        elif norm > settings.divergence_factor * theta_norm:
+            what = f"the parameters' own norm {theta_norm:.3g}"
+        else:
+            return
+        raise DivergenceError(
+            f"propagation diverged at step {t}: ‖v‖ = {norm:.3g} is over {settings.divergence_factor:g}× {what} "
+            f"(hvp={settings.operator.hvp}, damping={damping:g}); "
+            "raise --damping, lower --K, use --hvp ggn, or pass --on-divergence damp")
 
     def flush(t: int) -> None:
         nonlocal closed_steps
@@ -206,6 +214,7 @@ def _sweep(traj: Trajectory, forget: ForgetSet, settings: PropagationSettings, d
     for t, theta, state in traj.states(op.block_start(first), end - 1):
         if v is None:
             v, m, s2 = torch.zeros_like(theta), torch.zeros_like(theta), torch.zeros_like(theta)
+            theta_norm = max(float(torch.linalg.vector_norm(theta)), 1.0)
             decay, wd_adam, scale = (x.to(theta.device, theta.dtype) if isinstance(x, torch.Tensor) else x
                                      for x in (decay, wd_adam, scale))
         info = traj.batch(t)
