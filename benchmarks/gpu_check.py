@@ -1,7 +1,7 @@
 """One-shot GPU check of the Trainer integration: a Llama-3.2-1B-shaped model (random init, no
 download) fine-tuned on one CUDA device with the stock `transformers.Trainer` + `LMCleanCallback`,
-as LoRA (rank 8, every projection) and as a full fine-tune, then unlearned with `ggn`
-(--method lmcleaner --hvp ggn) and `replay` through `lmclean.unlearn.service.unlearn`.
+as LoRA (rank 8, every projection) and as a full fine-tune, then unlearned with `ggn` and `krylov`
+(--method lmcleaner --hvp ggn|krylov) and `replay` through `lmclean.unlearn.service.unlearn`.
 
 Prints, per run: recording overhead (step time with vs without the callback, median over steps),
 bytes on disk per recorded parameter per step, unlearning time per swept step in training steps,
@@ -149,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
                     help="TrainingArguments(bf16=True): bf16 autocast, fp32 master weights (default on; the CPU "
                          "test runs it too)")
-    ap.add_argument("--methods", default="ggn,replay")
+    ap.add_argument("--methods", default="ggn,krylov,replay",
+                    help="ggn / krylov: --method lmcleaner --hvp ggn|krylov (krylov's products under bf16 autocast "
+                         "take forward-mode AD, not central differences)")
     ap.add_argument("--via", choices=["service", "engine"], default="service",
                     help="service: lmclean.unlearn.service.unlearn on a copy of the store; engine: its sweep only")
     ap.add_argument("--workdir", type=Path, help="where the stores go (default: a temporary directory)")

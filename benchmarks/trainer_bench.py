@@ -187,13 +187,14 @@ def linked_copy(src: Path, dst: Path) -> Path:
 
 
 def options_for(method: str, device: str = "cpu") -> Any:
-    """What `lmclean unlearn --method M` (ggn: --method lmcleaner --hvp ggn) runs with its defaults."""
+    """What `lmclean unlearn --method M` runs with its defaults (ggn, krylov: --method lmcleaner --hvp M)."""
     from lmclean.unlearn.lmcleaner import PropagationSettings
     from lmclean.unlearn.operators import OperatorSettings
     from lmclean.unlearn.service import UnlearnOptions
 
-    return UnlearnOptions(method="lmcleaner" if method == "ggn" else method, device=device,
-                          propagation=PropagationSettings(operator=OperatorSettings(hvp="ggn")))
+    curvature = method if method in ("ggn", "krylov") else "ggn"
+    return UnlearnOptions(method="lmcleaner" if method in ("ggn", "krylov") else method, device=device,
+                          propagation=PropagationSettings(operator=OperatorSettings(hvp=curvature)))
 
 
 def run_unlearn(store: Path, forget: list[int], method: str, work: Path, via: str, device: str = "cpu",
