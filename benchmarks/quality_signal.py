@@ -59,6 +59,7 @@ def main() -> None:
             ("rollback", lambda keep: rollback(traj, forget, keep=keep)),
             ("lmcleaner ggn K=800", lm("ggn")), ("lmcleaner ggn K=20", lm("ggn", 20)),
             ("lmcleaner ekfac K=800 refresh=10", lm("ekfac", refresh=10)),
+            ("lmcleaner krylov K=800 refresh=16", lm("krylov", refresh=16)),
             ("lmcleaner diag K=800", lm("diag")), ("lmcleaner lowrank K=800", lm("lowrank")),
             ("lmcleaner fisher K=800", lm("fisher"))]
     if args.only:

@@ -422,3 +422,17 @@ def test_ggn_at_takes_the_dual_product_under_autocast() -> None:
     v = random_like(params, 5)
     got, want = op(v), ggn_vp(obj, params, v)
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_spot_check_wording_for_krylov() -> None:
+    """krylov's per-step defect read 0.70 both at residual 0.276 (TOFU) and at 0.970 (bundled;
+    benchmarks/README.md, quality section): its line says the ratio does not discriminate instead of
+    calling the answer poor, which it still does for a per-step curvature."""
+    from lmclean.cli._quality import quality_lines
+
+    q = {"defect_ratio": 0.7, "check_steps": [3, 9], "forget_loss": {"delta": 0.1}, "retain_loss": {"delta": 0.0}}
+    krylov, = quality_lines(q, "lmcleaner", "krylov")
+    ggn, = quality_lines(q, "lmcleaner", "ggn")
+    assert "(poor: about as far off" in ggn and "(poor: about as far off" not in krylov
+    assert "does not tell a good krylov answer from a poor one" in krylov
+    assert "defect ratio 0.7 at steps [3, 9]" in krylov

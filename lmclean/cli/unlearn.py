@@ -115,7 +115,7 @@ def unlearn(
     err.print(f"[green]unlearned[/] {len(report['forget_sample_ids'])} samples / {len(report['steps_touched'])} steps with "
               f"{report['method']} {base_line} in {report['wall_seconds']} s ({report['curvature_products']} curvature "
               f"products, ‖Δθ‖ {report['delta_norm']:.3e}); model written to {report['output']}")
-    for line in auto_lines(report.get("auto")) + quality_lines(report.get("quality"), report["method"]):
+    for line in auto_lines(report.get("auto")) + quality_lines(report.get("quality"), report["method"], report.get("hvp")):
         err.print(line)
     for note in report["notes"]:
         err.print(f"note: {note}")
