@@ -74,16 +74,12 @@ class RescaledEKFACOperator(EKFACOperator):
 
     name = "ekfac-rq"
 
-    def __init__(self, settings: OperatorSettings, manifest: ParamManifest) -> None:
-        super().__init__(settings, manifest)
-        self._pending: tuple[Params, Objective] | None = None  # the anchor awaiting its calibration
-
     def products_for(self, span: int) -> int:
         return math.ceil(span / self.s.refresh_steps) * (self.per_anchor() + 1)  # + the calibration product
 
     def _estimate(self, t: int, params: Params, objective: Objective) -> MatVec:
         super()._estimate(t, params, objective)
-        self._pending = ({k: p.detach().clone() for k, p in params.items()}, objective)  # θ is a reused buffer
+        self._hold(params, objective)
 
         def matvec(v: Tensor) -> Tensor:
             self._calibrate(v)
@@ -103,10 +99,10 @@ class RescaledEKFACOperator(EKFACOperator):
 
     def _calibrate(self, v: Tensor) -> None:
         """Rescale the present anchor's curvature along v, once per anchor (v = 0 carries no direction)."""
-        if self._pending is None or not bool(torch.any(v != 0)):
+        held = self._release(v)
+        if held is None:
             return
-        params, obj = self._pending
-        self._pending = None
+        params, obj = held
         vec = self.manifest.views(v)
         gv = summed(obj, lambda part: self.manifest.flatten(ggn_vp(part, params, vec)), lambda: torch.zeros_like(v))
         self.curvature = self._curvature().rescaled_along(vec, self.manifest.views(gv))
@@ -127,7 +123,6 @@ class KrylovOperator(_Anchored):
 
     def __init__(self, settings: OperatorSettings, manifest: ParamManifest) -> None:
         super().__init__(settings, manifest)
-        self._pending: tuple[Params, Objective] | None = None
         self.curvature: KrylovCurvature | None = None
 
     def per_anchor(self) -> int:
@@ -137,7 +132,7 @@ class KrylovOperator(_Anchored):
         return math.ceil(span / self.s.refresh_steps) * self.s.krylov_dim
 
     def _estimate(self, t: int, params: Params, objective: Objective) -> MatVec:
-        self._pending = ({k: p.detach().clone() for k, p in params.items()}, objective)  # θ is a reused buffer
+        self._hold(params, objective)
         self.curvature = None
 
         def matvec(v: Tensor) -> Tensor:
@@ -156,9 +151,9 @@ class KrylovOperator(_Anchored):
         return v, m, capped
 
     def _calibrated(self, v: Tensor) -> KrylovCurvature:
-        if self._pending is not None and bool(torch.any(v != 0)):
-            params, obj = self._pending
-            self._pending = None
+        held = self._release(v)
+        if held is not None:
+            params, obj = held
 
             def local(part: Objective) -> MatVec:
                 product = GGNAt(part, params)  # one forward graph for the anchor's k products

@@ -131,6 +131,18 @@ class _Anchored(CurvatureOperator):
         super().__init__(settings, manifest)
         self._anchor_step: int | None = None
         self._matvec: MatVec | None = None
+        self._held: tuple[Params, Objective] | None = None  # an anchor awaiting the propagated vector
+
+    def _hold(self, params: Params, objective: Objective) -> None:
+        """Keep the anchor (θ copied: the engine reuses its buffer) for an estimate that needs v."""
+        self._held = ({k: p.detach().clone() for k, p in params.items()}, objective)
+
+    def _release(self, v: Tensor) -> tuple[Params, Objective] | None:
+        """The held anchor, once, at the first non-zero v (v = 0 carries no direction); else None."""
+        if self._held is None or not bool(torch.any(v != 0)):
+            return None
+        held, self._held = self._held, None
+        return held
 
     def current(self, t: int) -> bool:
         """Whether step t reuses the present anchor (same block, at or after it)."""
