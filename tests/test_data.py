@@ -97,14 +97,14 @@ def test_non_utf8_row_names_file_line_and_byte(tmp_path: Path) -> None:
 
 
 def test_eval_and_tofu_read_jsonl_with_the_same_reader(tmp_path: Path) -> None:
-    from lmclean.eval import report, tofu
+    from lmclean.eval import sets, tofu
 
     path = tmp_path / "full.jsonl"
     path.write_bytes(b'{"question": "q", "answer": "\xe9"}\n')
     with pytest.raises(DataError, match=rf"^{path}:1: not UTF-8"):
         tofu._read_jsonl(path)
     with pytest.raises(DataError, match=rf"^{path}:1: not UTF-8"):
-        report.read_samples(path, "Q: {question}\nA: {answer}", "id", need_ids=False)
+        sets.read_samples(path, "Q: {question}\nA: {answer}", "id", need_ids=False)
     with pytest.raises(InputNotFoundError, match="TOFU file .* does not exist; the TOFU folder must hold all its split files"):
         tofu._read_jsonl(tmp_path / "forget01.jsonl")
 

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from conftest import write_rows
 from lmclean.cli.main import app
-from lmclean.eval import distance, metrics, report, scoring, tofu
+from lmclean.eval import distance, metrics, models, report, scoring, tofu
 from lmclean.train.model import load_model, save_model
 
 runner = CliRunner()
@@ -88,7 +88,7 @@ def run_json(*args: object) -> dict[str, Any]:
 
 
 def _lm(path: Path) -> torch.nn.Module:
-    return report.load_for_eval(path)  # the loader `lmclean eval` uses (SDPA attention)
+    return models.load_for_eval(path)  # the loader `lmclean eval` uses (SDPA attention)
 
 
 def _qa(root: Path, ids: range) -> tuple[list[str], list[str]]:
@@ -234,10 +234,10 @@ def test_model_names(root: Path, tmp_path: Path) -> None:
     a, b = tmp_path / "a" / "model", tmp_path / "b" / "model"
     for path in (a, b):
         shutil.copytree(root / "orig", path)
-    specs, (ref, orig) = report.model_specs([str(a), str(b)], [str(b), None])
+    specs, (ref, orig) = models.model_specs([str(a), str(b)], [str(b), None])
     assert [s.name for s in specs] == ["a/model", "b/model"]  # the shortest path tails that differ
     assert ref == specs[1] and orig is None  # a reference that is one of the models is that model
-    specs, _ = report.model_specs([str(a), f"mine={b}"])
+    specs, _ = models.model_specs([str(a), f"mine={b}"])
     assert [s.name for s in specs] == ["model", "mine"]
 
 

@@ -80,7 +80,10 @@ def eval_models(
 
     Metrics are rows, models are columns. forget_quality (with --tofu and --reference) is a p-value: HIGHER means closer to the retrained reference.
     """
-    from lmclean.eval.report import DEFAULT_DATA_TEMPLATE, evaluate, model_specs, prepare  # torch, transformers, scipy: loaded here
+    # torch, transformers, scipy: loaded here, not at import, so `--help` stays fast
+    from lmclean.eval.models import model_specs
+    from lmclean.eval.report import evaluate
+    from lmclean.eval.sets import DEFAULT_DATA_TEMPLATE, prepare
     from lmclean.train.data import parse_id_spec
 
     if not forget:

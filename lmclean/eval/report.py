@@ -1,10 +1,8 @@
 """The pipeline behind `lmclean eval`: several models x the metrics of `lmclean.eval` -> one dict.
 
-Data rows are rendered with the recording template. When the template contains `{answer}` it is
-split there: the loss, the membership scores and the KL are taken on the answer's tokens given the
-prompt (the template up to `{answer}`, e.g. "Q: {question}\\nA: "), as TOFU does; otherwise on every
-token after the first of the rendered text. The tokenizer adds no special tokens here, so the EOS
-that recording appends is not scored.
+The rows come from `sets` (which also says which tokens are scored: the answer's given the prompt,
+or every token after the first of plain text), the models from `models`. The tokenizer adds no
+special tokens here, so the EOS that recording appends is not scored.
 
 Metrics that compare models are computed after every model has been scored: `privleak` and
 `forget_quality` against the reference model (usually `lmclean record --exclude`), and
@@ -17,20 +15,17 @@ from __future__ import annotations
 
 import gc
 import math
-import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from lmclean.config import DataConfig
-from lmclean.errors import ConfigError, DataError, InputNotFoundError
+from lmclean.errors import ConfigError
 from lmclean.eval import metrics, tofu
-from lmclean.train.data import read_rows, row_id
+from lmclean.eval.models import ModelSpec, load_model_and_tokenizer
+from lmclean.eval.sets import EvalSample, EvalSets, id_ranges
 
-DEFAULT_DATA_TEMPLATE: str = DataConfig.template  # type: ignore[assignment]  # one default: the record config's
 FORGET_QUALITY_NOTE = (
     "forget_quality is a p-value (KS test of the model's forget-set truth ratios against the reference's): "
     "higher = closer to retraining; above 0.05 TOFU calls the two indistinguishable. It is not a loss."
@@ -39,304 +34,6 @@ MIA_ATTACK_KEYS = {"loss": "mia_auc_loss", "zlib": "mia_auc_zlib", "min_k": "mia
 PRIVLEAK_ATTACK = "min_k"  # MUSE computes PrivLeak from the Min-K% Prob attack
 
 Progress = Callable[[str, int, int], None]  # (what starts now, stages done, stages in all)
-
-
-# ----------------------------------------------------------------------------- data
-
-
-@dataclass(frozen=True)
-class EvalSample:
-    """One data row as the metrics see it."""
-
-    id: int | None  # None for holdout rows, which need no id
-    where: str  # "file:line", for messages
-    prompt: str | None  # the rendered template up to {answer}; None = plain-text scoring
-    target: str  # the scored text: the answer part, or the whole rendered text
-
-
-def split_template(template: str) -> tuple[str, str] | None:
-    """(prompt part, answer part) of a template that contains `{answer}`, split before it; None if it has none."""
-    fields = _template_fields(template)
-    if "answer" not in fields:
-        return None
-    at = template.index("{answer}") if "{answer}" in template else template.index("{answer")
-    return template[:at], template[at:]
-
-
-def _template_fields(template: str) -> list[str]:
-    try:
-        names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
-    except ValueError as exc:
-        raise ConfigError(f"--template {template!r} is not a valid format string ({exc}); use fields like {{question}}") from exc
-    if not names or any(not n for n in names):
-        raise ConfigError(f"--template {template!r} must name row fields, e.g. 'Q: {{question}}\\nA: {{answer}}'")
-    return names
-
-
-def read_samples(path: Path, template: str, id_field: str | None, need_ids: bool) -> list[EvalSample]:
-    """Render every row of a JSON Lines file; a row without a template field is an error naming file and line."""
-    path = Path(path)
-    fields = _template_fields(template)
-    parts = split_template(template)
-    samples: list[EvalSample] = []
-    seen: dict[int, str] = {}
-    for index, (lineno, row) in enumerate(read_rows(path, fix="pass an existing JSON Lines file")):
-        where = f"{path}:{lineno}"
-        missing = [f for f in fields if f not in row]
-        if missing:
-            raise DataError(f"{where}: row lacks field(s) {missing} used by --template {template!r}; fields found: {sorted(row)}")
-        sid: int | None = None
-        if need_ids:
-            sid = row_id(row, id_field, index, where, "; pass --id-field '' to number the rows from 0")
-            if sid in seen:
-                raise DataError(f"{where}: duplicate sample id {sid} (first at {seen[sid]}); ids must be unique")
-            seen[sid] = where
-        if parts is None:
-            samples.append(EvalSample(sid, where, None, template.format(**row)))
-        else:
-            samples.append(EvalSample(sid, where, parts[0].format(**row), parts[1].format(**row)))
-    return samples
-
-
-@dataclass(frozen=True)
-class EvalSets:
-    """What every model is evaluated on."""
-
-    data_path: Path
-    template: str
-    forget: tuple[EvalSample, ...]
-    retain: tuple[EvalSample, ...]
-    holdout: tuple[EvalSample, ...]  # empty: no membership inference
-    holdout_source: str | None
-    tofu_data: tofu.TofuData | None = None
-    tofu_dir: Path | None = None
-    tofu_split: str | None = None
-    notes: tuple[str, ...] = ()
-
-    @property
-    def answer_mode(self) -> bool:
-        return self.forget[0].prompt is not None
-
-    @property
-    def prompt_template(self) -> str:
-        """The template up to {answer}: the TOFU prompt."""
-        parts = split_template(self.template)
-        assert parts is not None
-        return parts[0]
-
-    def describe_scoring(self) -> str:
-        if self.answer_mode:
-            return f"answer tokens given the prompt {self.prompt_template!r}"
-        return "every token after the first of the rendered text"
-
-
-def id_ranges(ids: Sequence[int]) -> str:
-    """[1, 2, 3, 7] -> '1-3,7'."""
-    out: list[str] = []
-    values = sorted(ids)
-    i = 0
-    while i < len(values):
-        j = i
-        while j + 1 < len(values) and values[j + 1] == values[j] + 1:
-            j += 1
-        out.append(str(values[i]) if i == j else f"{values[i]}-{values[j]}")
-        i = j + 1
-    return ",".join(out)
-
-
-def _pick(by_id: dict[int, EvalSample], ids: Sequence[int], option: str, path: Path) -> tuple[EvalSample, ...]:
-    unknown = [i for i in ids if i not in by_id]
-    if unknown:
-        known = sorted(by_id)
-        raise DataError(
-            f"{option} names id {unknown[0]} that is not in {path} ({len(unknown)} unknown id(s); "
-            f"the file holds {len(known)} ids in {known[0]}-{known[-1]})"
-        )
-    return tuple(by_id[i] for i in ids)
-
-
-def prepare(
-    data: Path,
-    forget: Sequence[int],
-    retain: Sequence[int] | None = None,
-    holdout: Path | None = None,
-    template: str = DEFAULT_DATA_TEMPLATE,
-    id_field: str | None = "id",
-    tofu_dir: Path | None = None,
-) -> EvalSets:
-    """Read the data (and TOFU) files and select the forget / retain / holdout rows, checking every id."""
-    data = Path(data)
-    if not data.is_file():
-        raise InputNotFoundError(f"data file {data} does not exist; pass the JSON Lines file the model was recorded on")
-    samples = read_samples(data, template, id_field, need_ids=True)
-    by_id = {s.id: s for s in samples if s.id is not None}
-    forget_rows = _pick(by_id, forget, "--forget", data)
-    forget_set = set(forget)
-    if retain is None:
-        retain_ids = [s.id for s in samples if s.id is not None and s.id not in forget_set]
-        if not retain_ids:
-            raise DataError(f"every id of {data} is in --forget; the retain metrics need other rows")
-    else:
-        both = sorted(forget_set & set(retain))
-        if both:
-            raise DataError(f"--retain and --forget share id {both[0]} ({len(both)} shared); a sample is one or the other")
-        retain_ids = list(retain)
-    retain_rows = _pick(by_id, retain_ids, "--retain", data)
-    notes: list[str] = []
-    tofu_data, split, prompt = None, None, ""
-    if tofu_dir is not None:
-        parts = split_template(template)
-        if parts is None or not set(_template_fields(template)) <= {"question", "answer"}:
-            raise ConfigError(f"--tofu needs a template over {{question}} and {{answer}} only, got {template!r}")
-        prompt = parts[0]
-        tofu_data = tofu.load_tofu(tofu_dir)
-        split = _tofu_split(tofu_data, forget)
-        _check_tofu_questions(tofu_data, forget_rows, prompt)
-    holdout_rows: tuple[EvalSample, ...] = ()
-    source: str | None = None
-    if holdout is not None:
-        holdout_rows = tuple(read_samples(Path(holdout), template, None, need_ids=False))
-        source = str(holdout)
-    elif tofu_data is not None and split is not None:
-        name = split.replace("forget", "holdout")
-        holdout_rows = tuple(
-            EvalSample(None, f"{tofu_dir}/{name}.jsonl:{i + 1}", prompt.format(question=qa.question), qa.answer)
-            for i, qa in enumerate(tofu_data.holdout[name])
-        )
-        source = f"{tofu_dir}/{name}.jsonl"
-    else:
-        notes.append("membership inference skipped: pass --holdout FILE.jsonl with rows the models never saw")
-    if holdout_rows and (holdout_rows[0].prompt is None) != (forget_rows[0].prompt is None):
-        raise DataError("--holdout rows and --data rows must both be question/answer or both plain text")
-    return EvalSets(data, template, forget_rows, retain_rows, holdout_rows, source, tofu_data,
-                    Path(tofu_dir) if tofu_dir else None, split, tuple(notes))  # fmt: skip
-
-
-def _tofu_split(data: tofu.TofuData, forget: Sequence[int]) -> str:
-    wanted = sorted(set(forget))
-    for split in tofu.FORGET_SPLITS:
-        ids = data.forget_ids(split)
-        if wanted == list(ids):
-            return split
-    options = ", ".join(f"{id_ranges(list(data.forget_ids(s)))} ({s})" for s in tofu.FORGET_SPLITS)
-    raise DataError(f"with --tofu, --forget must be a TOFU forget split: {options}; got {id_ranges(wanted)}")
-
-
-def _check_tofu_questions(data: tofu.TofuData, rows: Sequence[EvalSample], prompt_template: str) -> None:
-    for row in rows:
-        assert row.id is not None
-        expected = prompt_template.format(question=data.full[row.id].question) if row.id < len(data.full) else None
-        if row.prompt != expected:
-            raise DataError(f"{row.where}: id {row.id} asks another question than row {row.id} of TOFU's full.jsonl; "
-                            "--data must keep TOFU's ids")  # fmt: skip
-
-
-# ----------------------------------------------------------------------------- models
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    name: str
-    path: Path
-
-
-def model_specs(args: Sequence[str], extra: Sequence[str | None] = ()) -> tuple[list[ModelSpec], list[ModelSpec | None]]:
-    """`DIR` or `NAME=DIR` -> named specs, and the same for `extra` (reference, original).
-
-    An unnamed model is called by the shortest tail of its path that no other model shares
-    (`orig.zarr/model` and `ref.zarr/model`, not `model` twice). An extra whose directory is one
-    of the models' is that model.
-    """
-    raw: list[tuple[str | None, Path]] = []
-    for arg in [*args, *(e for e in extra if e is not None)]:
-        name, sep, path = arg.partition("=")
-        if sep and name and "/" not in name:
-            raw.append((name, Path(path)))
-        else:
-            raw.append((None, Path(arg)))
-    for _name, path in raw:
-        if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
-            raise InputNotFoundError(f"model directory {path} does not exist or has no config.json; pass a Hugging Face model directory")
-    unique: dict[Path, str | None] = {}
-    for name, path in raw:
-        key = path.resolve()
-        if key not in unique or unique[key] is None:
-            unique[key] = name
-    names = _auto_names([k for k, v in unique.items() if v is None])
-    final = {k: (v if v is not None else names[k]) for k, v in unique.items()}
-    taken: dict[str, Path] = {}
-    for key, name in final.items():
-        if name in taken:
-            raise ConfigError(f"two models are both named {name!r} ({taken[name]} and {key}); name them with NAME=DIR")
-        taken[name] = key
-    specs = [ModelSpec(final[p.resolve()], p) for _n, p in raw]
-    models = list({s.name: s for s in specs[: len(args)]}.values())
-    rest = iter(specs[len(args) :])
-    extras = [None if e is None else next(rest) for e in extra]
-    return models, extras
-
-
-def _auto_names(paths: Sequence[Path]) -> dict[Path, str]:
-    out: dict[Path, str] = {}
-    depth = 1
-    pending = list(paths)
-    while pending:
-        tails = {p: "/".join(p.parts[-depth:]) for p in pending}
-        counts: dict[str, int] = {}
-        for t in tails.values():
-            counts[t] = counts.get(t, 0) + 1
-        pending = [p for p in pending if counts[tails[p]] > 1 and depth < len(p.parts)]
-        for p, t in tails.items():
-            if p not in pending:
-                out[p] = t
-        depth += 1
-    return out
-
-
-def load_for_eval(path: Path, device: str = "cpu") -> Any:
-    """A float32 model in eval mode for scoring only: SDPA attention where the architecture has it.
-
-    lmclean loads models with eager attention elsewhere because curvature products need double
-    backward; scoring needs only forward passes, which SDPA runs 2-3x faster on CPU. The two agree
-    to float32 rounding.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    path = Path(path)
-    from lmclean.adapters import is_adapter_dir, load_adapter_dir
-
-    adapter = is_adapter_dir(path) and not (path / "config.json").is_file()  # a LoRA store's output: base + adapter, merged
-    if not adapter and not (path / "config.json").is_file():
-        raise InputNotFoundError(f"model directory {path} does not exist or has no config.json; pass a Hugging Face model directory")
-    load = (lambda attn: load_adapter_dir(path, attn)) if adapter else (
-        lambda attn: AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn, dtype=torch.float32))
-    try:
-        try:
-            model = load("sdpa")
-        except (ValueError, ImportError):  # an architecture without SDPA support
-            model = load("eager")
-    except OSError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputNotFoundError(f"model directory {path} cannot be loaded: {first}") from exc
-    return model.float().to(device).eval()
-
-
-def _load(spec: ModelSpec, tokenizer_spec: str | None, device: str) -> tuple[Any, Any]:
-    from lmclean.train.data import load_tokenizer
-
-    model = load_for_eval(spec.path, device)
-    if tokenizer_spec:
-        return model, load_tokenizer(tokenizer_spec)
-    try:
-        from transformers import AutoTokenizer
-
-        return model, AutoTokenizer.from_pretrained(spec.path)
-    except (OSError, ValueError, TypeError) as exc:
-        raise InputNotFoundError(f"model directory {spec.path} holds no tokenizer; pass --tokenizer byte or a tokenizer directory") from exc
-
-
-# ----------------------------------------------------------------------------- evaluation
 
 
 @dataclass
@@ -501,7 +198,7 @@ def evaluate(
     ref_model = None
     for spec in order:
         tell(f"{spec.name}: load")
-        model, tok = _load(spec, tokenizer, device)
+        model, tok = load_model_and_tokenizer(spec, tokenizer, device)
         is_ref = spec.name == ref_name
         raw = _evaluate_one(model, tok, sets, ref_model if not is_ref else model, is_ref, n_generate, batch_size,
                             max_new_tokens, lambda s, n=spec.name: tell(f"{n}: {s}"))  # fmt: skip
@@ -519,7 +216,7 @@ def evaluate(
             tell(f"{original.name}: parameter distance")
             from lmclean.eval import distance
 
-            model, _tok = _load(original, tokenizer, device)
+            model, _tok = load_model_and_tokenizer(original, tokenizer, device)
             orig_distance = distance.param_distance(model, ref_model)
             del model
     if progress is not None:
@@ -584,17 +281,7 @@ def evaluate(
 
 
 __all__ = [
-    "DEFAULT_DATA_TEMPLATE",
     "FORGET_QUALITY_NOTE",
-    "EvalSample",
-    "EvalSets",
-    "ModelSpec",
     "evaluate",
-    "id_ranges",
-    "load_for_eval",
-    "model_specs",
-    "prepare",
-    "read_samples",
-    "split_template",
     "token_loss",
 ]

@@ -150,7 +150,7 @@ def _record_jump(store: TrajectoryStore, current: Path, history: Any) -> dict[st
     from lmclean.adapters import load_for_store
     from lmclean.params import flat_params
     from lmclean.train.recorder import Recorder
-    from lmclean.unlearn.service import load_optimizer_delta
+    from lmclean.unlearn.output import load_optimizer_delta
     from lmclean.unlearn.trajectory import recompute_grad
 
     T = store.committed_steps

@@ -3,15 +3,13 @@
 Every unlearning starts from the store's *current model* (the latest unlearning's output, or the
 recorded final model; see lmclean/audit/history.py): `lmcleaner` and `rollback` add the new
 correction to it; `replay` re-runs the recorded training without every sample forgotten so far plus
-the new ones. The output appears together with its audit record or not at all (unlearn/publish.py).
+the new ones. The output appears together with its audit record or not at all (lmclean/audit/publish.py, through unlearn/output.py).
 The store's recorded data and model are never modified, apart from scrubbing forgotten tokens.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,7 +29,8 @@ from lmclean.unlearn.lmcleaner import PropagationSettings
 from lmclean.unlearn.request import OUTSIDE_WINDOW, ForgetSpec, Requester, ResolvedForget, Window, default_K
 from lmclean.unlearn.storage import exact_states, lossy_store, retention_policy, storage_notes
 from lmclean.unlearn.auto import choose_auto
-from lmclean.unlearn.quality import check_steps, keep_for, quality_summary, spot_check
+from lmclean.unlearn.output import default_out, write_and_audit
+from lmclean.unlearn.quality import check_steps, keep_for, spot_check
 from lmclean.unlearn.trajectory import StoreTrajectory
 
 METHODS = ("lmcleaner", "rollback", "replay", "auto")  # auto: chosen per request (unlearn/auto.py)
@@ -298,7 +297,7 @@ def _unlearn_locked(store_path: Path, spec: ForgetSpec, options: UnlearnOptions,
             theta_hat, result, report = _compute(p, options, progress)
         except KeyboardInterrupt:
             raise Interrupted("interrupted during the sweep: nothing was written and the store is unchanged") from None
-        record = _write_and_audit(p, options, who, theta_hat, result, report)
+        record = write_and_audit(p, who, theta_hat, result, report)
         report["audit_seq"] = record["seq"]
         report["request_id"] = record["request_id"]
         if not who.keep_data and p.resolved.sample_ids:
@@ -391,72 +390,3 @@ def _report(p: Prepared, options: UnlearnOptions, result: SweepResult, seconds: 
         "device": str(p.traj.device), "autocast": p.traj.autocast,
         "wall_seconds": round(seconds, 3), "output": str(p.out), "auto": options.auto_choice,
     }
-
-
-def _write_and_audit(p: Prepared, options: UnlearnOptions, who: Requester, theta_hat: torch.Tensor,
-                     result: SweepResult, report: dict[str, Any]) -> dict[str, Any]:
-    """Stage the model, write the intent, append the audit record (the commit point), publish."""
-    from lmclean.audit import model_digest, new_request_id, unlearn_event
-    from lmclean.train.data import store_tokenizer
-    from lmclean.adapters import save_output, store_model
-    from lmclean.train.model import load_flat_into
-    from lmclean.audit.publish import PendingPublish, publish, stage_path
-
-    norms = report.pop("v_norms")
-    staged = stage_path(p.out)
-    if staged.exists():  # a crash after staging, before the intent: never recorded, ours to remove
-        shutil.rmtree(staged)
-    model = store_model(p.store)
-    load_flat_into(model, p.store.manifest, theta_hat)
-    save_output(model, store_tokenizer(p.store), staged, merge=p.merge,
-                extra_files={"unlearn_report.json": json.dumps(report, indent=1),
-                             OPTIMIZER_DELTA: optimizer_delta_bytes(result.state_delta)})
-    request_id = who.request_id or new_request_id()
-    out = p.out.absolute()  # the audit names the current model by a path that works from any directory
-    digest = model_digest(staged)
-    pending = PendingPublish(p.store.path, staged.absolute(), out, digest, request_id, overwrite=p.out.exists())
-    pending.write()
-    crash_point("unlearn:after-model")
-    record = unlearn_event(
-        p.store.path, request_id=request_id, reason=who.reason, requested_by=who.requested_by,
-        forget_ids=list(p.resolved.sample_ids), forget_fingerprints=list(p.resolved.fingerprints),
-        level=p.resolved.level, method=report["method"], K=report["K"], hvp=report["hvp"], damping=report["damping"],
-        noise_sigma=report["noise_sigma"], steps_touched=report["steps_touched"],
-        curvature_products=report["curvature_products"], v_norms=norms, divergence_check=report["divergence_check"],
-        model_before_dir=p.start.path, output_dir=staged, output_path=out, keep_data=who.keep_data,
-        wall_time=report["wall_seconds"], digests=(p.start.digest, digest),
-        extra={"base_unrelated": p.start.unrelated, "composes_with": report["composes_with"],
-               "also_excluded_ids": report["also_excluded_ids"], "lossy_store": report["lossy_store"],
-               "carried_outside_window": list(p.carried), "auto": (report["auto"] or {}).get("chosen"),
-               "quality": quality_summary(report["quality"])})
-    crash_point("unlearn:after-audit")
-    publish(pending)
-    return record
-
-
-OPTIMIZER_DELTA = "optimizer_delta.safetensors"  # Δ of each optimizer buffer for θ̂ (none listed: zeros)
-
-
-def optimizer_delta_bytes(state_delta: dict[str, torch.Tensor]) -> bytes:
-    """The output's optimizer-state change as safetensors bytes (float32 (P,) per buffer): what
-    `record --continue` adds to the recorded final state to train on from this model."""
-    from safetensors.torch import save
-
-    return save({k: v.detach().float().cpu().contiguous() for k, v in sorted(state_delta.items())})
-
-
-def load_optimizer_delta(model_dir: Path) -> dict[str, torch.Tensor] | None:
-    """The optimizer-state change saved beside an unlearned model, None when it has none."""
-    from safetensors.torch import load_file
-
-    path = Path(model_dir) / OPTIMIZER_DELTA
-    return load_file(str(path)) if path.is_file() else None
-
-
-def default_out(store: Path) -> Path:
-    """`<store>-unlearned-N` next to the store, N the first free number (never overwrites)."""
-    stem = store.name.removesuffix(".zarr")
-    n = 1
-    while (store.parent / f"{stem}-unlearned-{n}").exists():
-        n += 1
-    return store.parent / f"{stem}-unlearned-{n}"
