@@ -37,24 +37,30 @@ def ggn_vp(obj: Objective, params: Params, vec: Params) -> Params:
 class GGNAt:
     """Several GGN products at one θ on one objective (Lanczos takes k of them at an anchor): one
     forward pass with its graph, kept for every product's vjp (retain_graph), and J v per product by a
-    central difference of two forward passes without a graph, (f(θ + hv) − f(θ − hv)) / 2h.
+    difference quotient of forward passes without a graph.
 
     Why: on CPU forward-mode AD through an eager transformer costs about three forward passes (the
-    dual forward of `ggn_vp`), so each product cost about 2.3 training steps; this way the first costs
-    about one forward more than a training step and the others about two forwards and a backward
-    (benchmarks/README.md, "Krylov"). The difference is exact up to O(h²) truncation and rounding:
-    h is set so that ‖h v‖ = ``rel_step``·max(‖θ‖, 1), ``rel_step`` 4e-5 in float32 and float64 alike
-    (transformers keeps norms and softmax in float32 inside a float64 model). Along Lanczos vectors of the TOFU model (high curvature: truncation dominates) 2e-3 gave
-    relative errors of 3–40%, 4e-5 gives about 1e-4 (tests/test_krylov.py bounds it on a small
-    model). Where rounding would swamp the difference, autocast (bf16/fp16) or TF32 matmuls on CUDA,
-    each product takes the dual forward of `ggn_vp` instead."""
+    dual forward of `ggn_vp`), so each product cost about 2.3 training steps; this way each product
+    costs one forward and one backward (benchmarks/README.md, "Krylov").
+    - float32: a forward difference (f(θ + hv) − f(θ)) / h reusing the graph's f(θ), one forward less.
+      Along Lanczos vectors of the TOFU model it is off by 6e-4–2.4e-3 relative at ‖h v‖ = 2e-5·‖θ‖
+      (1e-2 along a random vector), the central one at 4e-5 by 3e-5–3e-4 (3e-3), and the TOFU residual
+      is the same to three digits (0.2544 both), so the cheaper one is taken.
+    - float64: a central difference (f(θ + hv) − f(θ − hv)) / 2h, O(h²): ~1e-9 relative on a float64
+      MLP, which the engine's equivalence tests rely on.
+    h is set so that ‖h v‖ = ``rel_step``·max(‖θ‖, 1) (transformers keeps norms and softmax in float32
+    inside a float64 model, hence the same floor-limited steps in both). Where rounding would swamp the
+    difference, autocast (bf16/fp16) or TF32 matmuls on CUDA, each product takes the dual forward of
+    `ggn_vp` instead."""
 
-    def __init__(self, obj: Objective, params: Params, rel_step: float | None = None) -> None:
+    def __init__(self, obj: Objective, params: Params, rel_step: float | None = None,
+                 central: bool | None = None) -> None:
         self.obj, self.params = obj, params
         ref = next(iter(params.values()))
         tf32 = ref.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
         self.fd = getattr(obj, "autocast", None) is None and ref.dtype in (torch.float32, torch.float64) and not tf32
-        self.rel_step = 4e-5 if rel_step is None else rel_step
+        self.central = ref.dtype == torch.float64 if central is None else central
+        self.rel_step = (4e-5 if self.central else 2e-5) if rel_step is None else rel_step
         self.scale = max(float(torch.sqrt(sum((p.detach().double() ** 2).sum() for p in params.values()))), 1.0)
         self._graph: tuple[dict[str, Tensor], Tensor] | None = None
 
@@ -72,8 +78,12 @@ class GGNAt:
         h = self.rel_step * self.scale / norm
         with torch.no_grad():
             plus = self.obj.outputs({k: p.detach() + h * vec[k] for k, p in self.params.items()})
-            minus = self.obj.outputs({k: p.detach() - h * vec[k] for k, p in self.params.items()})
-        hjv = self.obj.output_hvp(out.detach(), (plus - minus) / (2 * h))  # (N, C)
+            if self.central:
+                minus = self.obj.outputs({k: p.detach() - h * vec[k] for k, p in self.params.items()})
+                jv = (plus - minus) / (2 * h)
+            else:
+                jv = (plus - out.detach()) / h
+        hjv = self.obj.output_hvp(out.detach(), jv)  # (N, C)
         grads = torch.autograd.grad(out, list(leaves.values()), hjv, retain_graph=True, allow_unused=True)
         return {k: torch.zeros_like(p) if g is None else g for (k, p), g in zip(self.params.items(), grads)}
 
