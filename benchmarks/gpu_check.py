@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                          "test runs it too)")
     ap.add_argument("--methods", default="ggn,krylov,replay",
                     help="ggn / krylov: --method lmcleaner --hvp ggn|krylov (krylov's products under bf16 autocast "
-                         "take forward-mode AD, not central differences)")
+                         "take forward-mode AD, not difference quotients)")
     ap.add_argument("--via", choices=["service", "engine"], default="service",
                     help="service: lmclean.unlearn.service.unlearn on a copy of the store; engine: its sweep only")
     ap.add_argument("--workdir", type=Path, help="where the stores go (default: a temporary directory)")
