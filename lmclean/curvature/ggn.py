@@ -48,8 +48,9 @@ class GGNAt:
       is the same to three digits (0.2544 both), so the cheaper one is taken.
     - float64: a central difference (f(θ + hv) − f(θ − hv)) / 2h, O(h²): ~1e-9 relative on a float64
       MLP, which the engine's equivalence tests rely on.
-    h is set so that ‖h v‖ = ``rel_step``·max(‖θ‖, 1) (transformers keeps norms and softmax in float32
-    inside a float64 model, hence the same floor-limited steps in both). Where rounding would swamp the
+    h is set so that ‖h v‖ = ``rel_step``·max(‖θ‖, 1): 2e-5 forward, 4e-5 central, whatever the dtype
+    (transformers keeps norms and softmax in float32 inside a float64 model, so float64 gains no
+    smaller step; 2e-3 gave 3–40% errors on TOFU: truncation). Where rounding would swamp the
     difference, autocast (bf16/fp16) or TF32 matmuls on CUDA, each product takes the dual forward of
     `ggn_vp` instead."""
 
