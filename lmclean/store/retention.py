@@ -7,7 +7,7 @@ before w: that checkpoint, the later ones, and every gradient row from c0 on. Gr
 whose rows all lie before c0 are deleted whole, as are the chunk files of the checkpoints before
 c0. So the retained steps are c0 … n−1 with n − c0 ≥ N (up to N + checkpoint_every − 1 steps of θ
 can be rebuilt), and the gradient bytes on disk cover up to one more shard before c0
-(`create_layout` takes shards of ceil(N / 4) rows for a windowed store). Tokens, sample ids,
+(`create_layout`, store/layout.py, takes shards of ceil(N / 4) rows for a windowed store). Tokens, sample ids,
 weights and the per-step scalars are kept for every step: they are small, and they say when a
 sample was seen, which is what a refused or carried unlearning request reports.
 

@@ -21,7 +21,8 @@ from lmclean.errors import DataError, ModelMismatchError, StoreError, StoreExist
 from lmclean.store import format as fmt
 from lmclean.store.reader import TrajectoryStore
 from lmclean.store.corrections import CorrectionRow
-from lmclean.store.writer import CheckpointRow, StepRow, StoreWriter, create_layout, store_size_bytes
+from lmclean.store.layout import create_layout
+from lmclean.store.writer import CheckpointRow, StepRow, StoreWriter, store_size_bytes
 from lmclean.params import ParamManifest, flat_grads, flat_params
 from lmclean.optim import UpdateRule, rule_from_dict, rule_to_dict
 
