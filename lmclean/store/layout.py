@@ -1,9 +1,8 @@
 """The layout of a new store: every array `record` will fill, created empty before the first step.
 
-Apart from the writer (writer.py) because it runs once, before the writer thread exists, and is the
-one place that turns the format's constants (format.py: chunking, codecs, fill sentinels) into
-arrays; the writer only fills rows. Unwritten rows read as their fill sentinel, so a store that
-crashed before its first commit is still readable as "0 committed steps".
+Apart from the writer (writer.py) because it runs once, before the writer thread exists: it decides
+each array's shape, chunking, codec and fill sentinel (format.py), and the writer only fills rows.
+`COMMIT.json` (0 committed steps) is written last, after every array exists.
 """
 
 from __future__ import annotations
