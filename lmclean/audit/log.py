@@ -1,25 +1,24 @@
 """Append-only, hash-chained audit log (``audit.jsonl`` at the root of a store directory).
 
-Each line is one JSON object. The chain fields make tampering visible: ``digest`` is the sha256 of
-the record's canonical JSON (without ``digest``/``hmac``), ``prev`` repeats the previous record's
-``digest``, and ``hmac`` signs the same bytes with a secret key (env ``LMCLEAN_AUDIT_KEY``). Without
-the key anyone can rewrite the whole chain consistently; with it they cannot. Signing starts at a
-*key enrolment* (a signed ``key-enrolled`` record, or a signed record 0): from there on every record
+Each line is one JSON object. The chain fields make tampering visible (the bytes they cover:
+lmclean/audit/chain.py): ``digest`` is the sha256 of the record's canonical JSON (without
+``digest``/``hmac``), ``prev`` repeats the previous record's ``digest``, and ``hmac`` signs the same
+bytes with a secret key (env ``LMCLEAN_AUDIT_KEY``). Without the key anyone can rewrite the whole
+chain consistently; with it they cannot. Signing starts at a *key enrolment* (a signed
+``key-enrolled`` record, or a signed record 0): from there on every record
 must be signed, and every append first verifies the chain. See docs/audit.md.
 """
 
 from __future__ import annotations
 
-import hashlib
 import hmac as hmac_lib
 import json
-import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from lmclean.audit.chain import KEY_ENV, canonical_json, digest_of, hmac_of, key_fingerprint, key_from_env, utc_now
 from lmclean.errors import AuditError, InputNotFoundError
 
 __all__ = [
@@ -37,37 +36,14 @@ __all__ = [
 ]
 
 AUDIT_FILENAME = "audit.jsonl"
-KEY_ENV = "LMCLEAN_AUDIT_KEY"
 GENESIS_PREV = "0" * 64
 # Fields that append() fills; a caller-supplied record must not contain them.
 CHAIN_FIELDS = ("seq", "time", "prev", "digest", "hmac", "signed")
 ENROL_KIND = "key-enrolled"
 # Filled by append() on enrolment records (explicit, or a signed record 0); never by a caller.
 FINGERPRINT_FIELD = "key_fingerprint"
-_FINGERPRINT_LABEL = b"lmclean-audit-key-fingerprint-v1"
 
 Record = dict[str, Any]
-
-
-def canonical_json(obj: Any) -> str:
-    """The one serialisation digests and HMACs cover (sorted keys, no spaces, raw UTF-8)."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
-def utc_now() -> str:
-    """Current UTC time as ISO-8601 with a ``Z`` suffix and microseconds."""
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def key_from_env() -> bytes | None:
-    """The HMAC key from ``LMCLEAN_AUDIT_KEY`` (UTF-8 bytes), or None when unset or empty."""
-    value = os.environ.get(KEY_ENV, "")
-    return value.encode("utf-8") if value else None
-
-
-def key_fingerprint(key: bytes) -> str:
-    """Names a key without revealing it: HMAC-SHA256 of a fixed label under the key (hex)."""
-    return hmac_lib.new(key, _FINGERPRINT_LABEL, hashlib.sha256).hexdigest()
 
 
 def _is_enrolment(rec: Mapping[str, Any], pos: int) -> bool:
@@ -77,20 +53,6 @@ def _is_enrolment(rec: Mapping[str, Any], pos: int) -> bool:
 
 def _span(a: int, b: int) -> str:
     return f"record {a}" if a == b else f"records {a}..{b}"
-
-
-def _signed_bytes(record: Mapping[str, Any]) -> bytes:
-    """What ``digest`` and ``hmac`` cover: the record minus those two fields."""
-    body = {k: v for k, v in record.items() if k not in ("digest", "hmac")}
-    return canonical_json(body).encode("utf-8")
-
-
-def _digest(record: Mapping[str, Any]) -> str:
-    return hashlib.sha256(_signed_bytes(record)).hexdigest()
-
-
-def _hmac(record: Mapping[str, Any], key: bytes) -> str:
-    return hmac_lib.new(key, _signed_bytes(record), hashlib.sha256).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -224,8 +186,8 @@ class AuditLog:
         }
         if key is not None and (enrolling or seq == 0):
             full[FINGERPRINT_FIELD] = key_fingerprint(key)
-        full["digest"] = _digest(full)
-        full["hmac"] = _hmac(full, key) if key is not None else None
+        full["digest"] = digest_of(full)
+        full["hmac"] = hmac_of(full, key) if key is not None else None
 
         if old_text and not old_text.endswith("\n"):
             old_text += "\n"
@@ -292,7 +254,7 @@ class AuditLog:
             previous = current.get(FINGERPRINT_FIELD)
             mac = current.get("hmac")
             same = previous == fp if isinstance(previous, str) else (
-                isinstance(mac, str) and hmac_lib.compare_digest(mac, _hmac(current, key)))
+                isinstance(mac, str) and hmac_lib.compare_digest(mac, hmac_of(current, key)))
             if same:  # nothing to add; but the records this key signed must still hold
                 result = self._verify_records(recs, key)
                 if not result.ok:
@@ -357,7 +319,7 @@ class AuditLog:
                     "(record deleted or reordered)",
                 )
             stored = rec.get("digest")
-            if stored != _digest(rec):
+            if stored != digest_of(rec):
                 return result(False, pos, f"record {pos}: digest mismatch (content edited)")
             if rec.get("prev") != prev_digest:
                 what = "the genesis value (64 zeros)" if pos == 0 else f"digest of record {pos - 1}"
@@ -377,7 +339,7 @@ class AuditLog:
                     "record from the enrolment on must be signed"
                 )
             if key is not None and last is not None and pos >= last:
-                if not isinstance(mac, str) or not hmac_lib.compare_digest(mac, _hmac(rec, key)):
+                if not isinstance(mac, str) or not hmac_lib.compare_digest(mac, hmac_of(rec, key)):
                     return result(False, pos,
                         f"record {pos}: HMAC mismatch (wrong key, or the chain was rewritten)"
                     )

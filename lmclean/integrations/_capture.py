@@ -259,6 +259,41 @@ def active_dropout(model: torch.nn.Module) -> str | None:
     return None
 
 
+def check_run(args: Any, model: Any, optimizer: Any, id_column: str) -> None:
+    """Refuse, in one line each, a Trainer run that replay could not reproduce or the store cannot hold."""
+    if model is None or optimizer is None:
+        raise UnsupportedError("LMCleanCallback needs the Trainer's model and optimizer at on_train_begin")
+    if getattr(args, "remove_unused_columns", False):
+        raise ConfigError(f"LMCleanCallback needs the {id_column!r} column, which the Trainer drops: pass "
+                          "TrainingArguments(remove_unused_columns=False)")
+    if getattr(args, "n_gpu", 1) > 1:
+        raise UnsupportedError(f"LMCleanCallback records one device per process (this run has n_gpu "
+                               f"{getattr(args, 'n_gpu', 1)}): use one device, or one process per device with "
+                               "torchrun (DDP; docs/distributed.md)")
+    if getattr(args, "label_smoothing_factor", 0.0):
+        raise UnsupportedError("LMCleanCallback cannot record label smoothing; set label_smoothing_factor=0")
+    if getattr(args, "load_best_model_at_end", False):
+        raise UnsupportedError("load_best_model_at_end=True replaces the trained model with an earlier one; "
+                               "set it False (the store records the last step)")
+    for flag, fix in (("torch_compile", "torch_compile=False"), ("neftune_noise_alpha", "neftune_noise_alpha=None")):
+        if getattr(args, flag, None):
+            raise UnsupportedError(f"LMCleanCallback cannot record a run with {flag} (replay could not "
+                                   f"reproduce it); set {fix}")
+    if getattr(args, "fp16", False):
+        raise UnsupportedError("LMCleanCallback cannot record fp16 training (its loss scaling skips steps); "
+                               "use bf16=True or fp32")
+    odd = next((n for n, p in model.named_parameters() if p.requires_grad and p.dtype != torch.float32), None)
+    if odd is not None:
+        raise UnsupportedError(f"LMCleanCallback records float32 training only: trainable parameter {odd} is "
+                               "not float32; load the model (or the adapter) in float32")
+    where = active_dropout(model)
+    if where is not None:
+        raise UnsupportedError(f"LMCleanCallback: {where} has dropout, which replay cannot reproduce; "
+                               "set dropout to 0")
+    if not isinstance(optimizer, (torch.optim.AdamW, torch.optim.SGD)):
+        raise unsupported_optimizer(optimizer)
+
+
 def unsupported_optimizer(optimizer: Any) -> UnsupportedError:
     return UnsupportedError(f"LMCleanCallback cannot record optimizer {type(optimizer).__name__}: replay supports "
                             "torch.optim.AdamW (optim='adamw_torch' / 'adamw_torch_fused') and torch.optim.SGD")

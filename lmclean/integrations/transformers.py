@@ -35,10 +35,9 @@ from lmclean.audit import AuditLog, finish_pending_scrub, record_event
 from lmclean.audit.publish import finish_pending_unlearn
 from lmclean.config import LmcleanConfig
 from lmclean.dist import Dist
-from lmclean.errors import ConfigError, DataError, StoreError, StoreExistsError, UnsupportedError
-from lmclean.integrations._capture import (ForwardCapture, GradNorms, active_dropout, base_config, online_settings,
-                                           pretrained_dir, save_steps, scan_dataset, step_batch, unsupported_optimizer,
-                                           write_back, zero_loss)
+from lmclean.errors import ConfigError, DataError, StoreError, StoreExistsError
+from lmclean.integrations._capture import (ForwardCapture, GradNorms, base_config, check_run, online_settings,
+                                           pretrained_dir, save_steps, scan_dataset, step_batch, write_back, zero_loss)
 from lmclean.integrations._ddp import SyncedGradNorms, agree_all, collective, gather_micro, refuse_under_ddp
 from lmclean.integrations._ddp import group as ddp_group
 from lmclean.optim import rule_from_torch, rule_to_dict
@@ -259,37 +258,7 @@ class LMCleanCallback(TrainerCallback):
 
     # -- set-up ----------------------------------------------------------------------------------
     def _check_run(self, args: Any, model: Any, optimizer: Any) -> None:
-        if model is None or optimizer is None:
-            raise UnsupportedError("LMCleanCallback needs the Trainer's model and optimizer at on_train_begin")
-        if getattr(args, "remove_unused_columns", False):
-            raise ConfigError(f"LMCleanCallback needs the {self.id_column!r} column, which the Trainer drops: pass "
-                              "TrainingArguments(remove_unused_columns=False)")
-        if getattr(args, "n_gpu", 1) > 1:
-            raise UnsupportedError(f"LMCleanCallback records one device per process (this run has n_gpu "
-                                   f"{getattr(args, 'n_gpu', 1)}): use one device, or one process per device with "
-                                   "torchrun (DDP; docs/distributed.md)")
-        if getattr(args, "label_smoothing_factor", 0.0):
-            raise UnsupportedError("LMCleanCallback cannot record label smoothing; set label_smoothing_factor=0")
-        if getattr(args, "load_best_model_at_end", False):
-            raise UnsupportedError("load_best_model_at_end=True replaces the trained model with an earlier one; "
-                                   "set it False (the store records the last step)")
-        for flag, fix in (("torch_compile", "torch_compile=False"), ("neftune_noise_alpha", "neftune_noise_alpha=None")):
-            if getattr(args, flag, None):
-                raise UnsupportedError(f"LMCleanCallback cannot record a run with {flag} (replay could not "
-                                       f"reproduce it); set {fix}")
-        if getattr(args, "fp16", False):
-            raise UnsupportedError("LMCleanCallback cannot record fp16 training (its loss scaling skips steps); "
-                                   "use bf16=True or fp32")
-        odd = next((n for n, p in model.named_parameters() if p.requires_grad and p.dtype != torch.float32), None)
-        if odd is not None:
-            raise UnsupportedError(f"LMCleanCallback records float32 training only: trainable parameter {odd} is "
-                                   "not float32; load the model (or the adapter) in float32")
-        where = active_dropout(model)
-        if where is not None:
-            raise UnsupportedError(f"LMCleanCallback: {where} has dropout, which replay cannot reproduce; "
-                                   "set dropout to 0")
-        if not isinstance(optimizer, (torch.optim.AdamW, torch.optim.SGD)):
-            raise unsupported_optimizer(optimizer)
+        check_run(args, model, optimizer, self.id_column)
 
     def _create(self, args: Any, state: Any, model: torch.nn.Module, train_dataloader: Any) -> None:
         dataset = getattr(train_dataloader, "dataset", None)
@@ -302,7 +271,9 @@ class LMCleanCallback(TrainerCallback):
         if not max_length:
             raise DataError("LMCleanCallback cannot tell the longest sample (rows have no input_ids); "
                             "pass LMCleanCallback(..., max_length=N)")
-        from lmclean.store.projection import project  # what this run will write and cost: one log line
+        from lmclean.store.projection import (
+            project,  # what this run will write and cost: one log line
+        )
 
         self.projected = project(
             params=self.manifest.size, steps=int(state.max_steps), max_length=int(max_length),

@@ -5,10 +5,10 @@ step that recorded them, and ``samples/tombstone`` (N,) int64 marks them as remo
 else the audit ``seq`` of the record that removed them). ``steps/sample_ids`` and
 ``steps/lengths`` are left unchanged, so the recorded batch structure stays known.
 
-Each chunk is decoded and re-encoded through the store's one codec path (lmclean/store/codec.py:
-checksum verified on read, written with a new one) and replaced with the store's atomic write
-(lmclean/store/atomic.py: temp file, fsync, rename, directory fsync): a crash leaves every chunk
-either old or new. The whole scrub is restartable: an intent file
+Each chunk is decoded and re-encoded (lmclean/store/scrub_chunks.py) through the store's one codec
+path (lmclean/store/codec.py: checksum verified on read, written with a new one) and replaced with
+the store's atomic write (lmclean/store/atomic.py: temp file, fsync, rename, directory fsync): a
+crash leaves every chunk either old or new. The whole scrub is restartable: an intent file
 (``scrub_pending.json``) lists the ids and steps before any chunk is touched and is removed only
 after the tombstones are written; ``finish_scrub_intent`` completes an interrupted one (and
 ``lmclean.audit.recovery.finish_pending_scrub`` also scrubs what the audit log says was scrubbed).
@@ -31,11 +31,12 @@ import zarr
 from zarr.core.buffer import cpu
 from zarr.storage import MemoryStore
 
-from lmclean._faults import crash_point
 from lmclean.errors import DataError, InputNotFoundError, StoreError, StoreVersionError
 from lmclean.store import format as fmt
-from lmclean.store.atomic import PARTIAL_SUFFIX, DirSync, atomic_write_bytes, fsync_dir
-from lmclean.store.codec import ChecksumError, ChunkCodec, array_codec
+from lmclean.store.atomic import PARTIAL_SUFFIX, DirSync, fsync_dir
+from lmclean.store.codec import array_codec
+from lmclean.store.scrub_chunks import (chunk_path, chunk_rows, open_array, read_all, read_chunk, rewrite_chunk,
+                                        write_file)
 
 __all__ = [
     "PENDING_FILENAME",
@@ -78,13 +79,6 @@ class ScrubResult:
 # -- small file helpers --------------------------------------------------------------------------
 
 
-def _atomic_write_bytes(path: Path, data: Any, dirs: DirSync | None = None) -> None:
-    """The store's atomic write (lmclean/store/atomic.py); with ``dirs`` the directory fsync is
-    left to ``dirs.sync()`` (the caller syncs them in bulk)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, data, pending=dirs)
-
-
 def _store_dir(store_dir: Path | str) -> Path:
     path = Path(store_dir)
     if not (path / "zarr.json").is_file():
@@ -103,101 +97,31 @@ def _store_dir(store_dir: Path | str) -> Path:
     return path
 
 
-# -- chunk helpers (the store's codec path) -------------------------------------------------------
-
-
-def _open(store: Path, name: str) -> Any:
-    try:
-        return zarr.open_array(str(store / name), mode="r")
-    except Exception as exc:  # zarr raises many types for missing or broken metadata
-        raise StoreError(f"store {store}: array {name} is missing or unreadable ({exc})") from exc
-
-
-def _chunk_rows(array: Any) -> int:
-    """Rows per storage chunk along axis 0; the chunk must span every other axis whole."""
-    shape = array.metadata.chunk_grid.chunk_shape
-    if tuple(shape[1:]) != tuple(array.shape[1:]):
-        raise StoreError(
-            f"array {array.path} has chunks {tuple(shape)} for shape {array.shape}; scrubbing "
-            "needs chunks that hold whole rows (the store format's layout)"
-        )
-    return int(shape[0])
-
-
-def _chunk_path(store: Path, name: str, array: Any, coords: tuple[int, ...]) -> Path:
-    """The chunk's file, from the array metadata's chunk_key_encoding (default: c/<i>/<j>/...)."""
-    return store / name / array.metadata.encode_chunk_key(coords)
-
-
-def _read_chunk(store: Path, array: Any, name: str, codec: ChunkCodec, index: int) -> np.ndarray | None:
-    """Chunk ``index`` of an array decoded (a writable copy, checksum verified), None when its file
-    does not exist; StoreError naming the array and the first step or row it holds when damaged."""
-    path = _chunk_path(store, name, array, (index,) + (0,) * (array.ndim - 1))
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        return None
-    unit = "step" if name.startswith("steps/") else "row"
-    where = f"{unit} {index * _chunk_rows(array)}"
-    try:
-        return codec.decode(raw).copy()
-    except ChecksumError:
-        raise StoreError(
-            f"store {store}: array {name} at {where} fails its checksum; the store is damaged: "
-            f"run `lmclean check {store}`"
-        ) from None
-    except Exception as exc:  # numcodecs raises many types for a corrupted chunk
-        raise StoreError(
-            f"store {store}: array {name} chunk holding {where} is corrupted ({exc}); it cannot be scrubbed"
-        ) from exc
-
-
-def _read_all(store: Path, name: str) -> np.ndarray:
-    """Every row of an array whose chunk files all exist (samples/*, the tombstones)."""
-    array = _open(store, name)
-    codec, c = array_codec(array), _chunk_rows(array)
-    parts = []
-    for index in range(-(-array.shape[0] // c)):
-        chunk = _read_chunk(store, array, name, codec, index)
-        if chunk is None:
-            raise StoreError(f"store {store}: array {name} chunk {index} is missing; the store is damaged")
-        parts.append(chunk)
-    return np.concatenate(parts)[: array.shape[0]] if parts else np.empty(0, dtype=codec.dtype)
-
-
-def _rewrite_chunk(store: Path, name: str, array: Any, codec: ChunkCodec, index: int, data: np.ndarray,
-                   dirs: DirSync) -> None:
-    """Re-encode one chunk of array ``name`` (with its checksum) and replace its file atomically."""
-    path = _chunk_path(store, name, array, (index,) + (0,) * (array.ndim - 1))
-    _atomic_write_bytes(path, codec.encode(data), dirs)
-    crash_point("scrub:after-chunk")
-
-
 # -- reading -------------------------------------------------------------------------------------
 
 
 def _sample_table(store: Path) -> np.ndarray:
-    return _read_all(store, SAMPLE_TABLE).astype(np.int64)
+    return read_all(store, SAMPLE_TABLE).astype(np.int64)
 
 
 def _tombstone_values(store: Path, n: int) -> np.ndarray | None:
     """The tombstone column (N,), or None when the store has never been scrubbed."""
     if not (store / TOMBSTONE_ARRAY / "zarr.json").is_file():
         return None
-    arr = _open(store, TOMBSTONE_ARRAY)
+    arr = open_array(store, TOMBSTONE_ARRAY)
     if arr.shape != (n,):
         raise StoreError(
             f"store {store}: array {TOMBSTONE_ARRAY} has shape {arr.shape}, expected ({n},) "
             "like samples/id"
         )
-    c = _chunk_rows(arr)
+    c = chunk_rows(arr)
     for index in range(-(-n // c)):
-        if not _chunk_path(store, TOMBSTONE_ARRAY, arr, (index,)).is_file():
+        if not chunk_path(store, TOMBSTONE_ARRAY, arr, (index,)).is_file():
             raise StoreError(
                 f"store {store}: array {TOMBSTONE_ARRAY} chunk {index} is missing, so which "
                 "samples were scrubbed is unknown (damaged store)"
             )
-    return _read_all(store, TOMBSTONE_ARRAY).astype(np.int64)
+    return read_all(store, TOMBSTONE_ARRAY).astype(np.int64)
 
 
 def tombstones(store_dir: Path | str) -> dict[int, int]:
@@ -240,11 +164,11 @@ def pending_scrub(store_dir: Path | str) -> dict[str, Any] | None:
 
 def _affected_steps(store: Path, sample_ids: np.ndarray, wanted: np.ndarray) -> dict[int, np.ndarray]:
     """step -> (B,) bool mask of batch positions holding a wanted sample (every written row)."""
-    arr = _open(store, SAMPLE_IDS_ARRAY)
-    codec, c = array_codec(arr), _chunk_rows(arr)
+    arr = open_array(store, SAMPLE_IDS_ARRAY)
+    codec, c = array_codec(arr), chunk_rows(arr)
     out: dict[int, np.ndarray] = {}
     for index in range(-(-arr.shape[0] // c)):
-        block = _read_chunk(store, arr, SAMPLE_IDS_ARRAY, codec, index)
+        block = read_chunk(store, arr, SAMPLE_IDS_ARRAY, codec, index)
         if block is None:
             continue  # never written: holds no sample
         mask = np.isin(block, wanted)
@@ -275,15 +199,15 @@ def _scrubbed_token_chunks(store: Path, masks: dict[int, np.ndarray]) -> list[tu
     """(chunk index, chunk with the masked token rows zeroed, rows zeroed) of every tokens chunk
     that changes. Reads (and checksums) them all before anything is written: a damaged chunk
     stops the scrub before its intent file or any chunk is touched."""
-    tokens = _open(store, TOKENS_ARRAY)
-    codec, c = array_codec(tokens), _chunk_rows(tokens)
+    tokens = open_array(store, TOKENS_ARRAY)
+    codec, c = array_codec(tokens), chunk_rows(tokens)
     by_chunk: dict[int, list[int]] = {}
     for t in sorted(masks):
         if t < tokens.shape[0]:
             by_chunk.setdefault(t // c, []).append(t)
     out = []
     for index, steps in by_chunk.items():
-        data = _read_chunk(store, tokens, TOKENS_ARRAY, codec, index)
+        data = read_chunk(store, tokens, TOKENS_ARRAY, codec, index)
         if data is None:
             continue  # never written: holds no data
         changed = 0
@@ -299,11 +223,11 @@ def _scrubbed_token_chunks(store: Path, masks: dict[int, np.ndarray]) -> list[tu
 
 def _scrub_tokens(store: Path, scrubbed: list[tuple[int, np.ndarray, int]]) -> tuple[int, int]:
     """Write the scrubbed token chunks; return (rows overwritten, chunks rewritten)."""
-    tokens = _open(store, TOKENS_ARRAY)
+    tokens = open_array(store, TOKENS_ARRAY)
     codec = array_codec(tokens)
     dirs = DirSync()
     for index, data, _ in scrubbed:
-        _rewrite_chunk(store, TOKENS_ARRAY, tokens, codec, index, data, dirs)
+        rewrite_chunk(store, TOKENS_ARRAY, tokens, codec, index, data, dirs)
     dirs.sync()  # every rename durable before the tombstones say the scrub is done
     return sum(n for _, _, n in scrubbed), len(scrubbed)
 
@@ -332,12 +256,12 @@ def _write_tombstones(store: Path, table: np.ndarray, wanted: list[int], seq: in
             values[pos[i]] = seq
     if created or not np.array_equal(before, values):
         array = _metadata_only(meta)
-        codec, c = array_codec(array), _chunk_rows(array)
+        codec, c = array_codec(array), chunk_rows(array)
         for index in range(-(-n // c)):
-            path = _chunk_path(store, TOMBSTONE_ARRAY, array, (index,))
-            _atomic_write_bytes(path, codec.encode(values[index * c : (index + 1) * c]))
+            path = chunk_path(store, TOMBSTONE_ARRAY, array, (index,))
+            write_file(path, codec.encode(values[index * c : (index + 1) * c]))
         if created:  # metadata last: the array appears only once its data is in place
-            _atomic_write_bytes(meta_path, meta)
+            write_file(meta_path, meta)
     return {i: int(values[pos[i]]) for i in wanted}
 
 
@@ -354,7 +278,7 @@ def _write_intent(store: Path, wanted: list[int], steps: list[int], seq: int) ->
         "audit_seq": seq,
         "started": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
     }
-    _atomic_write_bytes(store / PENDING_FILENAME, (json.dumps(intent, indent=1) + "\n").encode())
+    write_file(store / PENDING_FILENAME, (json.dumps(intent, indent=1) + "\n").encode())
 
 
 def _clear_intent(store: Path) -> None:
