@@ -131,6 +131,30 @@ def test_block_space_of_two_seeds() -> None:
     assert rel(curv.matvec(vec(9)), A @ vec(9)) > 1e-3  # and not on a vector outside it
 
 
+def test_quadratic_form_replaces_the_last_product() -> None:
+    """With the quadratic form q ↦ qᵀ A q the k-th basis vector takes no product: its column of T is
+    (A q_i)ᵀ q_k from the earlier products, so the curvature is the one k products give (to rounding),
+    for one seed and a block, at k − 1 products; k = 1 is v's Rayleigh quotient at no product. A wrong
+    column (or a corner left at 0) would change the Ritz values by O(1)."""
+    A, _, _ = spd(12)
+    quad = lambda q: q @ (A @ q)  # noqa: E731
+    for seeds, k in ((vec(13), 5), ([vec(14), vec(15)], 4), (vec(16), 2)):
+        full, n_full = krylov_curvature(lambda x: A @ x, seeds, k)
+        matvec, calls = counted(A)
+        cheap, n = krylov_curvature(matvec, seeds, k, quadratic=quad)
+        assert n == calls[0] == k - 1 and n_full == k
+        close(cheap.vals, full.vals)
+        close(cheap.vecs.T @ cheap.vecs, full.vecs.T @ full.vecs)  # the same space
+        for u in (vec(17), vec(18)):
+            close(cheap.matvec(u), full.matvec(u))
+    v = vec(19)
+    matvec, calls = counted(A)
+    one, n = krylov_curvature(matvec, v, 1, quadratic=quad)
+    assert n == calls[0] == 0
+    close(one.vals, (v @ A @ v / (v @ v)).reshape(1))
+    assert rel(one.matvec(v), A @ v) > 1e-3  # one direction: v's Rayleigh quotient only
+
+
 @pytest.mark.parametrize("momentum", [0.0, 0.9], ids=["sgd", "momentum"])
 @pytest.mark.parametrize("max_step", [None, 1.0], ids=["uncapped", "capped"])
 def test_propagate_matches_a_dense_recursion(momentum: float, max_step: float | None) -> None:
@@ -219,8 +243,8 @@ def lanczos_counts(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The products each krylov_curvature call of the operator actually took."""
     taken: list[int] = []
 
-    def spy(matvec, seeds, k):  # noqa: ANN001, ANN202
-        curv, n = krylov_curvature(matvec, seeds, k)
+    def spy(matvec, seeds, k, quadratic=None):  # noqa: ANN001, ANN202
+        curv, n = krylov_curvature(matvec, seeds, k, quadratic)
         taken.append(n)
         return curv, n
 
@@ -236,8 +260,9 @@ RULES = [SGDRule(), SGDRule(momentum=0.5, weight_decay=0.01)]
 def test_refresh_1_equals_per_step_ggn(rule: SGDRule, krylov_dim: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """refresh 1: each step's curvature is the Krylov space of that step's v at that step's θ, and
     one step is degree 1 in G, exact in span{v, Gv}: the sweep reproduces the per-step ggn sweep
-    (an MLP, so G differs from step to step). Products: the Lanczos steps actually taken, k per step
-    after the first injection (v = 0 before it; the injection lands after that step's product)."""
+    (an MLP, so G differs from step to step). Products: the Lanczos steps actually taken, k − 1 per
+    step after the first injection (the k-th basis vector takes a quadratic form; v = 0 before the
+    first injection, which lands after that step's product)."""
     run = run_of(mlp(), rule)
     forget = {3, 17}
     taken = lanczos_counts(monkeypatch)
@@ -247,11 +272,11 @@ def test_refresh_1_equals_per_step_ggn(rule: SGDRule, krylov_dim: int, monkeypat
     torch.testing.assert_close(kry.delta, ggn.delta, rtol=0, atol=1e-8)
     first = min(run.occurrences(forget))
     assert ggn.products == len(run.batches) - first - 1
-    assert kry.products == sum(taken) == krylov_dim * ggn.products
-    assert taken == [krylov_dim] * ggn.products
+    assert kry.products == sum(taken) == (krylov_dim - 1) * ggn.products
+    assert taken == [krylov_dim - 1] * ggn.products
     if rule.momentum:
         torch.testing.assert_close(kry.state_delta["momentum_buffer"], ggn.state_delta["momentum_buffer"], rtol=0, atol=1e-8)
-    if krylov_dim == 2:  # one product holds only v's Rayleigh quotient, not Gv: measured rel 0.40 / 0.55
+    if krylov_dim == 2:  # dimension 1 holds only v's Rayleigh quotient, not Gv: measured rel 0.40 / 0.55
         assert rel(sweep(run, forget, "krylov", 1, 1).delta, ggn.delta) > 1e-2
 
 
@@ -297,11 +322,12 @@ def test_long_windows_approximate_ggn() -> None:
     assert 1e-4 < r < 1.0, r
     first = min(run.occurrences(forget))
     blocks = len({t - t % 6 for t in range(first + 1, len(run.batches))})
-    assert kry.products == 2 * blocks < ggn.products  # 2 < P: no space is invariant
+    assert kry.products == blocks < ggn.products  # k − 1 = 1 product per anchor (2 < P: no space is invariant)
 
 
 def test_operator_estimates_lazily_along_the_first_vector() -> None:
-    """at() takes no product; the first non-zero vector takes krylov_dim GGN products at the
+    """at() takes no product; the first non-zero vector takes krylov_dim − 1 GGN products (and one
+    quadratic form) at the
     anchor's θ (a copy: θ is a reused buffer); later vectors and windows reuse that space; a new block
     re-estimates. The operator's products are central differences (GGNAt): on this float64 MLP their
     truncation is ~1e-9 relative, hence rtol 1e-7 against the exact products here; a stale θ or a
@@ -310,14 +336,14 @@ def test_operator_estimates_lazily_along_the_first_vector() -> None:
     manifest = ParamManifest.from_model(b.obj.model)
     theta = manifest.flatten(b.params)
     op = make_operator(OperatorSettings(hvp="krylov", refresh=10, krylov_dim=3, anchor_fraction=1.0), manifest)
-    assert op.closed_form and op.reused_across_steps and op.products_for(25) == 3 * 3
+    assert op.closed_form and op.reused_across_steps and op.products_for(25) == 7  # 3 anchors × (2 + 1/3)
     buffer = theta.clone()
     matvec = op.at(0, buffer, lambda: b.obj, lambda: torch.zeros_like(theta))
     assert op.products == 0
     buffer.add_(1.0)  # the engine reuses θ's buffer: the estimate must hold the anchor's θ
     v, u = manifest.flatten(random_like(b.params, 3)), manifest.flatten(random_like(b.params, 4))
     got_v = matvec(v)
-    assert op.products == 3
+    assert op.products == 2
     reference, _ = krylov_curvature(lambda x: manifest.flatten(ggn_vp(b.obj, b.params, manifest.views(x))), v, 3)
     close(got_v, reference.matvec(v), 1e-7)
     G = b.ggn
@@ -328,12 +354,12 @@ def test_operator_estimates_lazily_along_the_first_vector() -> None:
     w, m = v.clone(), torch.zeros_like(v)
     op.window(w, m, lrs, 0.5, 0.01, 1.9)
     close(w, reference.propagate(v, torch.zeros_like(v), lrs, 0.5, 0.01, 1.9)[0], 1e-7)
-    assert op.products == 3
+    assert op.products == 2
     assert op.at(9, theta, lambda: b.obj, lambda: torch.zeros_like(theta)) is matvec  # same block
     again = op.at(10, theta, lambda: b.obj, lambda: torch.zeros_like(theta))  # new block
-    assert op.products == 3
+    assert op.products == 2
     close(again(u), G @ u, 1e-7)  # estimated along u now
-    assert op.products == 6
+    assert op.products == 4
 
 
 def test_zero_vector_takes_no_product() -> None:
@@ -346,7 +372,7 @@ def test_zero_vector_takes_no_product() -> None:
     zero = torch.zeros_like(theta)
     assert torch.equal(matvec(zero), zero) and op.products == 0
     matvec(manifest.flatten(random_like(b.params, 5)))
-    assert op.products == 3
+    assert op.products == 2
 
 
 def test_refresh_defaults() -> None:
@@ -378,7 +404,7 @@ def test_cli_unlearns_with_krylov(store_copy: Path, tmp_path: Path) -> None:
     report = json.loads(r.stdout)
     assert report["hvp"] == "krylov"
     assert report["curvature_products"] > 0 and report["delta_norm"] > 0
-    assert report["curvature_products"] % 3 == 0  # 3 Lanczos products per anchor (P >> 3: never invariant)
+    assert report["curvature_products"] % 2 == 0  # k − 1 = 2 Lanczos products per anchor (P >> 3: never invariant)
 
 
 # --- GGNAt: the shared-forward, finite-difference products krylov takes at an anchor -------------------
@@ -404,8 +430,15 @@ def test_ggn_at_matches_the_dual_product(case: str, bound: float) -> None:
         v = random_like(params, 10 + seed)
         got, want = op(v), ggn_vp(obj, params, v)
         assert _flat_rel(got, want) < bound, (case, seed, _flat_rel(got, want))
+        exact = sum((want[k] * v[k]).sum() for k in v)
+        assert abs(float(op.quadratic(v) - exact)) < bound * abs(float(exact)), (case, seed)
     zero = {k: torch.zeros_like(p) for k, p in params.items()}
     assert all(torch.equal(x, torch.zeros_like(x)) for x in op(zero).values())
+    assert float(op.quadratic(zero)) == 0.0
+    fresh = GGNAt(obj, params)  # a quadratic form before any product: its own plain forward at θ
+    v = random_like(params, 30)
+    exact = sum((x * v[k]).sum() for k, x in ggn_vp(obj, params, v).items())
+    assert abs(float(fresh.quadratic(v) - exact)) < bound * abs(float(exact)) and fresh._graph is None
 
 
 def test_ggn_at_float32_takes_a_forward_difference() -> None:
@@ -428,6 +461,8 @@ def test_ggn_at_float32_takes_a_forward_difference() -> None:
         v = random_like(params, 20 + seed)
         got, want = op(v), ggn_vp(obj, params, v)
         assert _flat_rel(got, want) < 3e-3, (seed, _flat_rel(got, want))
+        form, exact = float(op.quadratic(v)), float(sum((want[k].double() * v[k].double()).sum() for k in v))
+        assert abs(form - exact) < 3e-3 * abs(exact), (seed, form, exact)  # vᵀGv from the forward pass alone
 
 
 def test_ggn_at_takes_the_dual_product_under_autocast() -> None:
@@ -444,6 +479,7 @@ def test_ggn_at_takes_the_dual_product_under_autocast() -> None:
     v = random_like(params, 5)
     got, want = op(v), ggn_vp(obj, params, v)
     assert all(torch.equal(got[k], want[k]) for k in want)
+    assert torch.equal(op.quadratic(v), sum((want[k] * v[k]).sum() for k in v))
 
 
 def test_spot_check_wording_for_krylov() -> None:

@@ -180,7 +180,7 @@ def test_operators_declare_what_they_are() -> None:
              for name in OPERATORS}
     assert costs == {"ggn": 25, "exact": 25, "fisher": 0, "diag": 18, "lowrank": 18, "kfac": 6, "ekfac": 6,
                      "ekfac-rq": 9,  # + one calibration product per anchor
-                     "krylov": 12}  # krylov_dim (default 4) per anchor
+                     "krylov": 10}  # 3 anchors × (krylov_dim − 1 products + a third of one for the quadratic form)
     with pytest.raises(ConfigError, match="--hvp 'kfc' is not known"):
         make_operator(OperatorSettings(hvp="kfc"), manifest)
     with pytest.raises(ConfigError, match="--tail 'ggn' must be carry or a reused curvature"):

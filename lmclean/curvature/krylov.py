@@ -1,11 +1,12 @@
 """Krylov curvature: the GGN restricted to the Krylov space of the vector being propagated.
 
 A window of linearised steps applies the polynomial Π_t (1 − η_t λ) of the curvature to the
-correction v. Lanczos started at v, with k exact products, gives an orthonormal basis V of
-span{v, Gv, …, G^(k−1) v} and the tridiagonal T = V G Vᵀ; p(G) v ≈ V p(T) Vᵀ v is the Lanczos
-approximation of a matrix function: exact for polynomials of degree < k, close for smooth ones. So k
-products stand in for a window of per-step products, and unlike a fixed low-rank or Kronecker summary
-the space is built from v itself: the directions v has mass on are the ones resolved.
+correction v. Lanczos started at v, with k − 1 exact products and the last vector's quadratic form,
+gives an orthonormal basis V of span{v, Gv, …, G^(k−1) v} and the tridiagonal T = V G Vᵀ;
+p(G) v ≈ V p(T) Vᵀ v is the Lanczos approximation of a matrix function: exact for polynomials of
+degree < k, close for smooth ones. So k − 1 products stand in for a window of per-step products, and
+unlike a fixed low-rank or Kronecker summary the space is built from v itself: the directions v has
+mass on are the ones resolved.
 
 Directions outside the space (injections made after the anchor) get zero curvature (damping and
 weight decay still act) until the next anchor folds them into its Krylov space: a scalar or an EK-FAC
@@ -55,30 +56,38 @@ class KrylovCurvature:
         return parts[1] + self.vecs.T @ parts[0]
 
 
-def krylov_curvature(matvec: Callable[[Tensor], Tensor], seeds: Tensor | Sequence[Tensor], k: int) -> tuple[KrylovCurvature, int]:
-    """Rayleigh–Ritz on the (block) Krylov space of ``seeds`` (one vector: Lanczos) with at most k
-    products of the PSD ``matvec``: the basis grows by the seeds, then by each basis vector's product in
+def krylov_curvature(matvec: Callable[[Tensor], Tensor], seeds: Tensor | Sequence[Tensor], k: int,
+                     quadratic: Callable[[Tensor], Tensor] | None = None) -> tuple[KrylovCurvature, int]:
+    """Rayleigh–Ritz on the (block) Krylov space of ``seeds`` (one vector: Lanczos) of dimension at
+    most k, for the PSD ``matvec``: the basis grows by the seeds, then by each basis vector's product in
     turn, orthonormalised twice against the basis; a candidate that is (numerically) inside the span is
     skipped, and when none is left the space is invariant and the iteration stops. T = Qᵀ G Q is taken
-    from the products themselves. Returns the curvature and the number of products taken."""
+    from the products themselves.
+
+    ``quadratic`` (q ↦ qᵀ G q, cheaper than a product: for the GGN one forward pass, no backward) saves
+    the last product: T's last column is q_kᵀ G q_i = (G q_i)ᵀ q_k for the earlier basis vectors, which
+    their products already give, and its corner is the quadratic form. Same T, k − 1 products.
+    Returns the curvature and the number of products taken."""
     if k < 1:
         raise ConfigError(f"Krylov dimension must be >= 1, got {k}")
     pending = [seeds] if isinstance(seeds, Tensor) else list(seeds)
     if not pending or not bool(torch.linalg.vector_norm(pending[0]) > 0):
         raise ConfigError("a Krylov space needs a non-zero start vector")
-    ref = pending[0]
-    eps = torch.finfo(ref.dtype).eps
+    eps = torch.finfo(pending[0].dtype).eps
     Q: list[Tensor] = []  # orthonormal basis, each (P,)
     GQ: list[Tensor] = []  # G q for each basis vector
     grown = 0  # products already used as candidates
-    while len(GQ) < k:
-        while len(Q) == len(GQ):  # a new basis vector: the next seed, else the next product
+
+    def grow() -> bool:
+        """Add the next basis vector (the next seed, else the next product); False when none is left."""
+        nonlocal grown
+        while True:
             if pending:
                 c = pending.pop(0)
             elif grown < len(GQ):
                 c, grown = GQ[grown], grown + 1
             else:
-                break
+                return False
             size = torch.linalg.vector_norm(c)
             for _ in range(2):
                 for q in Q:
@@ -86,10 +95,21 @@ def krylov_curvature(matvec: Callable[[Tensor], Tensor], seeds: Tensor | Sequenc
             n = torch.linalg.vector_norm(c)
             if bool(n > 1000 * eps * size) and bool(size > 0):
                 Q.append(c / n)
-        if len(Q) == len(GQ):  # invariant: v's part of the operator is exact
-            break
+                return True
+
+    budget = k - 1 if quadratic is not None else k
+    while len(GQ) < budget and grow():  # stops early where the space is invariant: v's part is exact
         GQ.append(matvec(Q[-1]))
-    Qm, Gm = torch.stack(Q), torch.stack(GQ)  # (n, P)
-    T = Qm @ Gm.T  # (n, n)
+    n = len(GQ)
+    if n:
+        Gm = torch.stack(GQ)  # (n, P)
+        T = torch.stack(Q[:n]) @ Gm.T  # (n, n)
+    else:
+        Gm, T = pending[0].new_zeros((0, pending[0].numel())), pending[0].new_zeros((0, 0))
+    if quadratic is not None and n == budget and grow():  # the k-th vector: no product, its column from the others'
+        q = Q[n]
+        col = Gm @ q  # (n,)
+        T = torch.cat([torch.cat([T, col[:, None]], 1), torch.cat([col, quadratic(q).reshape(1).to(col.dtype)])[None, :]], 0)
+    Qm = torch.stack(Q[: T.shape[0]])  # (m, P)
     theta, S = torch.linalg.eigh((T + T.T) / 2)
-    return KrylovCurvature(S.T @ Qm, theta.clamp(min=0)), len(GQ)  # the GGN is PSD: rounding may dip below 0
+    return KrylovCurvature(S.T @ Qm, theta.clamp(min=0)), n  # the GGN is PSD: rounding may dip below 0

@@ -16,7 +16,7 @@ from lmclean.errors import ConfigError
 from lmclean.objective import Objective, Params
 from lmclean.params import ParamManifest
 from lmclean.unlearn.operator_base import MatVec, OperatorSettings, _Anchored
-from lmclean.unlearn.sharded import summed, summed_operator
+from lmclean.unlearn.sharded import summed, summed_forms
 
 
 class KFACOperator(_Anchored):
@@ -111,10 +111,11 @@ class RescaledEKFACOperator(EKFACOperator):
 
 class KrylovOperator(_Anchored):
     """The anchor's exact GGN restricted to the Krylov space of the propagated vector
-    (lmclean.curvature.krylov): ``krylov_dim`` GGN products per anchor, taken at the anchor's θ on its
-    estimation batch when the estimate is first used with a non-zero vector; the window then runs in
-    closed form. Like ekfac-rq the basis depends on that vector, so the correction is not linear in the
-    forget set (sequential requests do not compose exactly)."""
+    (lmclean.curvature.krylov): a ``krylov_dim``-dimensional space from ``krylov_dim`` − 1 GGN products
+    and one quadratic form per anchor, taken at the anchor's θ on its estimation batch when the
+    estimate is first used with a non-zero vector; the window then runs in closed form. Like ekfac-rq
+    the basis depends on that vector, so the correction is not linear in the forget set (sequential
+    requests do not compose exactly)."""
 
     name = "krylov"
     closed_form = True
@@ -129,7 +130,9 @@ class KrylovOperator(_Anchored):
         return 0  # the products are taken (and counted) when the estimate is first used
 
     def products_for(self, span: int) -> int:
-        return math.ceil(span / self.s.refresh_steps) * self.s.krylov_dim
+        """Per anchor k − 1 products and one quadratic form (a forward pass: a third of a product)."""
+        anchors = math.ceil(span / self.s.refresh_steps)
+        return -(-anchors * (3 * self.s.krylov_dim - 2) // 3)
 
     def _estimate(self, t: int, params: Params, objective: Objective) -> MatVec:
         self._hold(params, objective)
@@ -155,12 +158,13 @@ class KrylovOperator(_Anchored):
         if held is not None:
             params, obj = held
 
-            def local(part: Objective) -> MatVec:
-                product = GGNAt(part, params)  # one forward graph for the anchor's k products
-                return lambda x: self.manifest.flatten(product(self.manifest.views(x)))
+            def local(part: Objective) -> tuple[MatVec, MatVec]:
+                product = GGNAt(part, params)  # one forward graph for the anchor's k − 1 products
+                views = self.manifest.views
+                return (lambda x: self.manifest.flatten(product(views(x))), lambda x: product.quadratic(views(x)))
 
-            ggn = summed_operator(obj, local)
-            self.curvature, n = krylov_curvature(ggn, v, self.s.krylov_dim)
+            ggn, form = summed_forms(obj, local)
+            self.curvature, n = krylov_curvature(ggn, v, self.s.krylov_dim, quadratic=form)
             self.products += n
         if self.curvature is None:
             raise ConfigError("no Krylov anchor yet: take a product at the window's first step")

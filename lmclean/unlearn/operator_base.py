@@ -29,7 +29,7 @@ class OperatorSettings:
     refresh: int | None = None  # anchored operators: steps an anchor estimate is reused for (None: the operator's default)
     diag_probes: int = 8  # diag: Hutchinson probes per anchor
     mc_samples: int = 1  # kfac/ekfac: sampled labels (backward passes) per anchor
-    krylov_dim: int = 4  # krylov: exact GGN products (Lanczos steps from the propagated vector) per anchor
+    krylov_dim: int = 4  # krylov: the Krylov space's dimension per anchor (that many − 1 GGN products, one quadratic form)
     anchor_fraction: float = 0.5  # anchored operators: share of the anchor step's batch the estimate uses
     curvature_fraction: float = 1.0  # ggn/exact: share of each step's batch its product is taken on
     seed: int = 0
@@ -40,7 +40,7 @@ class OperatorSettings:
             if not 0 < value <= 1:
                 raise ConfigError(f"{flag} {value} must be in (0, 1]: the share of the step's batch that {what}")
         if self.krylov_dim < 1:
-            raise ConfigError(f"--krylov-dim {self.krylov_dim} must be >= 1: the GGN products per anchor")
+            raise ConfigError(f"--krylov-dim {self.krylov_dim} must be >= 1: the Krylov space's dimension per anchor")
         if self.refresh is not None and self.refresh < 1:
             raise ConfigError(f"--refresh {self.refresh} must be >= 1: the steps an anchor's curvature is reused for")
 

@@ -17,7 +17,7 @@ from torch import Tensor
 from lmclean.dist import Dist, current
 from lmclean.objective import CausalLMObjective, MicroBatchedObjective, Objective, SquaredErrorObjective
 
-__all__ = ["share_of", "summed", "summed_operator"]
+__all__ = ["share_of", "summed", "summed_forms"]
 
 
 def share_of(obj: Objective, d: Dist) -> Objective | None:
@@ -51,13 +51,16 @@ def summed(obj: Objective, compute: Callable[[Objective], Tensor], zeros: Callab
     return d.sum_(compute(part) if part is not None else zeros())
 
 
-def summed_operator(obj: Objective, make: Callable[[Objective], Callable[[Tensor], Tensor]]) -> Callable[[Tensor], Tensor]:
-    """A linear map that is a sum over the objective's samples and keeps state between calls (a
-    forward graph reused by several products): `make` is called once, on this rank's share, and
-    each call is all-reduced; every rank must make the same calls (as with `summed`)."""
+def summed_forms(obj: Objective, make: Callable[[Objective], tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]]
+                 ) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]:
+    """A linear map v ↦ G v and its quadratic form v ↦ vᵀ G v (a scalar), both sums over the objective's
+    samples, that keep state between calls (a forward graph reused by several products): `make` is
+    called once, on this rank's share, and each call is all-reduced; every rank must make the same
+    calls (as with `summed`)."""
     d = current()
     if not d.active:
         return make(obj)
     part = share_of(obj, d)
     local = make(part) if part is not None else None
-    return lambda v: d.sum_(local(v) if local is not None else v.new_zeros(v.shape))
+    return (lambda v: d.sum_(local[0](v) if local is not None else v.new_zeros(v.shape)),
+            lambda v: d.sum_(local[1](v).reshape(()) if local is not None else v.new_zeros(())))
