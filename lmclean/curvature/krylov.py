@@ -109,7 +109,8 @@ def krylov_curvature(matvec: Callable[[Tensor], Tensor], seeds: Tensor | Sequenc
     if quadratic is not None and n == budget and grow():  # the k-th vector: no product, its column from the others'
         q = Q[n]
         col = Gm @ q  # (n,)
-        T = torch.cat([torch.cat([T, col[:, None]], 1), torch.cat([col, quadratic(q).reshape(1).to(col.dtype)])[None, :]], 0)
+        corner = quadratic(q).reshape(1).to(col.dtype)
+        T = torch.cat([torch.cat([T, col[:, None]], 1), torch.cat([col, corner])[None, :]], 0)
     Qm = torch.stack(Q[: T.shape[0]])  # (m, P)
     theta, S = torch.linalg.eigh((T + T.T) / 2)
     return KrylovCurvature(S.T @ Qm, theta.clamp(min=0)), n  # the GGN is PSD: rounding may dip below 0
