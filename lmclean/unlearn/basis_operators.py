@@ -130,7 +130,8 @@ class KrylovOperator(_Anchored):
         return 0  # the products are taken (and counted) when the estimate is first used
 
     def products_for(self, span: int) -> int:
-        """Per anchor k − 1 products and one quadratic form (a forward pass: a third of a product)."""
+        """Per anchor k − 1 products and one quadratic form (a forward pass: a third of a product; under
+        autocast, where GGNAt takes the dual product, the form is a whole one and this undercounts)."""
         anchors = math.ceil(span / self.s.refresh_steps)
         return -(-anchors * (3 * self.s.krylov_dim - 2) // 3)
 
