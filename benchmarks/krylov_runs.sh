@@ -8,9 +8,13 @@ cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1
 PY=${PY:-.venv/bin/python}
 R=benchmarks/results
-KRY="=lmcleaner krylov K=800 refresh=8 k=4 af=0.25,=lmcleaner krylov K=800 refresh=16 k=4 af=0.5,=lmcleaner krylov K=800 refresh=32 k=4 af=0.5,=lmcleaner ekfac K=800 refresh=10"
+KRY="=lmcleaner krylov K=800 refresh=8 k=4 af=0.25,=lmcleaner krylov K=800 refresh=8 k=4 af=0.5,=lmcleaner krylov K=800 refresh=16 k=4 af=0.5,=lmcleaner krylov K=800 refresh=32 k=4 af=0.5,=lmcleaner ekfac K=800 refresh=10"
 run() { name=$1; label=$2; shift 2; $PY benchmarks/fidelity.py --threads 1 --label "$label" --json "$R/fidelity_${name}_krylov.json" "$@"; }
 run tofu_memorise "TOFU memorise: krylov" --stores runs/tofu/original.zarr runs/tofu/retrained.zarr --forget 3960-3999 --only "$KRY,=replay f=0.25"
+# other seeds of the anchor subsample on TOFU memorise, refresh 8 at af 0.25 and 0.5 and the defaults
+SEEDS=$(for s in 1 2; do printf '=lmcleaner krylov K=800 refresh=8 k=4 af=0.25 seed=%s,=lmcleaner krylov K=800 refresh=8 k=4 af=0.5 seed=%s,=lmcleaner krylov K=800 refresh=16 k=4 af=0.5 seed=%s,' $s $s $s; done)
+$PY benchmarks/fidelity.py --threads 1 --label "TOFU memorise: krylov seeds" --json "$R/fidelity_tofu_memorise_krylov_seeds.json" \
+  --stores runs/tofu/original.zarr runs/tofu/retrained.zarr --forget 3960-3999 --only "${SEEDS%,}"
 run tofu_early "TOFU early: krylov" --scenario early --stores runs/tofu/original.zarr --early-steps 8-15 --only "$KRY"
 run bundled_memorise "bundled memorise: krylov" --workdir runs/bench15 --only "$KRY"
 run bundled_early "bundled early: krylov" --scenario early --stores runs/bench/early/plain/full.zarr --only "$KRY"

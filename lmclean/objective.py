@@ -77,7 +77,8 @@ class CausalLMObjective:
                 self.model,
                 params,
                 args=(),
-                kwargs={"input_ids": self.input_ids, "attention_mask": self._attention_mask},
+                # use_cache=False: no KV cache is built and dropped on every forward (nothing here decodes)
+                kwargs={"input_ids": self.input_ids, "attention_mask": self._attention_mask, "use_cache": False},
                 strict=False,
             ).logits  # (B, L, V)
         out = logits[:, :-1][self._valid]  # (N, V)
