@@ -13,7 +13,8 @@ import torch
 from lmclean.optim import AdamWRule, SGDRule
 from lmclean.unlearn import ForgetSet, InMemoryTrajectory, OperatorSettings, PropagationSettings, propagate, replay, rollback
 from lmclean.unlearn.common import SweepResult
-from lmclean.unlearn.quality import check_steps, keep_for, spot_check
+from lmclean.cli._quality import quality_lines
+from lmclean.unlearn.quality import check_steps, keep_for, spot_check, stability_reading
 
 
 def mlp_run(rule: SGDRule | AdamWRule, lr: float = 0.1, n: int = 24, seed: int = 0) -> InMemoryTrajectory:
@@ -137,3 +138,36 @@ def test_a_correction_carried_past_the_window_is_checked_too() -> None:
                       keep=keep_for(checks))
     # propagation with the exact Hessian (linearised, so not exact on an MLP: residual 0.30) reads 0.10
     assert signal(run, forget, exact, checks)["defect_ratio"] < 0.2 * quality["defect_ratio"]
+
+
+def test_stability_reading_flags_the_run_at_the_edge_of_stability() -> None:
+    """ggn and krylov clip η·λ > 1.9 along v at no step at lr 0.1, where they land 0.21 / 0.32 from
+    retraining, and at 12–13 of 15 steps at lr 1.0, where both land at 1.00 (no better than doing
+    nothing): the reading separates the two, and the report says so."""
+    forget = ForgetSet(sample_ids={3, 7})
+    for lr, edge in ((0.1, False), (1.0, True)):
+        run = mlp_run(SGDRule(), lr=lr)
+        for hvp in ("ggn", "krylov"):
+            result = propagate(run, forget, PropagationSettings(K=800, operator=OperatorSettings(hvp=hvp, refresh=4)))
+            reading = stability_reading(result)
+            assert reading is not None and reading["steps"] == result.window[1] - result.window[0] == 15
+            assert reading["edge_of_stability"] is edge, (lr, hvp, reading)
+            assert reading["clipped_steps"] >= 12 if edge else reading["clipped_steps"] == 0
+            res = residual(run, forget, result)
+            assert res > 0.9 if edge else res < 0.4, (lr, hvp, res)
+            quality = signal(run, forget, result, checked(run, forget))
+            assert quality["stability"] == reading
+            text = " ".join(quality_lines(quality, "lmcleaner", hvp))
+            assert ("edge of stability, where no linearised correction is reliable" in text) is edge
+            assert ("use --method replay" in text) is edge and ("not at the edge of stability" in text) is not edge
+
+
+@pytest.mark.parametrize("settings", [PropagationSettings(K=800, operator=OperatorSettings(hvp="lowrank")),
+                                      PropagationSettings(K=800, operator=OperatorSettings(hvp="exact")),
+                                      PropagationSettings(K=800, stabilize=False)])
+def test_no_stability_reading_where_clips_measure_the_operator_or_nothing_is_clipped(settings: PropagationSettings) -> None:
+    """lowrank's clips measure its own estimate, the exact Hessian is never clipped, nor is anything without the stabiliser."""
+    run = mlp_run(SGDRule(), lr=0.1)
+    result = propagate(run, ForgetSet(sample_ids={3, 7}), settings)
+    assert result.stability_steps is None and stability_reading(result) is None
+    assert not any("stability" in line for line in quality_lines({"check_steps": [], "stability": None}))

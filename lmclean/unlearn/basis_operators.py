@@ -119,6 +119,7 @@ class KrylovOperator(_Anchored):
 
     name = "krylov"
     closed_form = True
+    gauss_newton_along_v = True
     uses = frozenset({"refresh", "anchor_fraction", "krylov_dim"})
     default_refresh = 16  # with krylov_dim 4: benchmarks/README.md, "Krylov"
 

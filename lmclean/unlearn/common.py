@@ -56,6 +56,9 @@ class SweepResult:
     damping: float = 0.0
     divergence: str = "ok"
     clipped_steps: int = 0
+    # the steps over which clipped_steps reads the run's stability (the operator is the GGN along v and
+    # the stabiliser was on); None where the clips say nothing about the run (quality.stability_reading)
+    stability_steps: int | None = None
     # the optimizer state that belongs to θ̂: buffer name -> (P,) change of the recorded final state
     # (missing names: unchanged). `record --continue` trains on from θ̂ with it.
     state_delta: dict[str, Tensor] = field(default_factory=dict)

@@ -270,6 +270,9 @@ def _sweep(traj: Trajectory, forget: ForgetSet, settings: PropagationSettings, d
         moved = {"exp_avg": m, "exp_avg_sq": s2} if adam else {"momentum_buffer": m} if rule.momentum else {}
         result.state_delta = {k: x for k, x in moved.items() if k in rule.state_names()}
     result.products = op.products + tail_op.products
+    if settings.stabilize and not adam and all(o.psd and o.gauss_newton_along_v
+                                               for o in ([op, tail_op] if settings.propagates_tail else [op])):
+        result.stability_steps = end - first
     if result.clipped_steps:
         result.notes.append(f"{result.clipped_steps} steps had η·λ(H) > 2 along v; their curvature step was clipped "
                             "to stay non-expansive (--no-stabilize to disable)")

@@ -69,6 +69,9 @@ class CurvatureOperator:
     closed_form: ClassVar[bool] = False
     uses: ClassVar[frozenset[str]] = frozenset()  # OperatorSettings fields (CLI options) it reads
     default_refresh: ClassVar[int] = 100  # reused curvatures: steps per anchor when --refresh is not given
+    # its curvature along the propagated vector is the GGN's own (an exact product, or Rayleigh–Ritz on
+    # v's Krylov space), so the stabiliser's clips read the run's η·λ, not the operator's error (quality.py)
+    gauss_newton_along_v: ClassVar[bool] = False
 
     def __init__(self, settings: OperatorSettings, manifest: ParamManifest) -> None:
         self.s = settings

@@ -8,6 +8,8 @@ flags), so the engine and the planner ask the operator instead of branching on i
   step and reused for ``refresh`` steps (``reused_across_steps``);
 - ``closed_form``: the reused curvature is diagonal in a known basis, so a window of steps without
   injections is applied at once (``window``) instead of one product per step;
+- ``gauss_newton_along_v``: its curvature along the propagated vector is the GGN's own, so the
+  stabiliser's clips measure the run (edge of stability), not the operator's error;
 - ``products_for(span)``: curvature products (each about one GGN product) a span of steps costs.
 """
 
@@ -57,6 +59,7 @@ class GGNOperator(_PerStepProduct):
     """Gauss–Newton products (PSD): the default."""
 
     name = "ggn"
+    gauss_newton_along_v = True
     product = staticmethod(ggn_vp)
 
 

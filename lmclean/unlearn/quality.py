@@ -18,6 +18,12 @@ stands for its share of the steps (the sums are estimated per stratum as its siz
 check: it does not see errors that accumulate between sampled steps, so it flags a poor answer
 without proving a good one. Also reported: the forget-set loss and the loss of a retained sample at
 the starting model and at θ̂. Cost: s gradients and four forward passes.
+
+Stability reading (free): where the curvature along v is the GGN's own (ggn, krylov), a step the
+stabiliser clipped had η·λ > 1.9 along the correction: the run trains at the edge of stability
+there, where small errors grow instead of dying out and no linearised correction is reliable. The
+share of such steps separates the runs measured in benchmarks/README.md ("Quality spot check"),
+which the local defect ratio does not.
 """
 
 from __future__ import annotations
@@ -34,9 +40,11 @@ from lmclean.optim import clip_gradient
 from lmclean.unlearn.common import ForgetSet, SweepResult, flat_grad
 from lmclean.unlearn.trajectory import Trajectory
 
-__all__ = ["DEFAULT_CHECK_STEPS", "check_steps", "keep_for", "quality_summary", "spot_check"]
+__all__ = ["DEFAULT_CHECK_STEPS", "EDGE_SHARE", "check_steps", "keep_for", "quality_summary", "spot_check",
+           "stability_reading"]
 
 DEFAULT_CHECK_STEPS = 3
+EDGE_SHARE = 0.05  # share of clipped steps that reads "edge of stability" (benchmarks/README.md, "Quality spot check")
 _LOSS_SAMPLES = 16  # forget and retained samples whose loss is compared (seeded subset when more)
 
 
@@ -166,6 +174,16 @@ def _sample_groups(traj: Trajectory, wanted: dict[int, list[int]], seed: int, sa
     return groups
 
 
+def stability_reading(result: SweepResult) -> dict[str, Any] | None:
+    """How many propagated steps the stabiliser clipped, where that measures the run (None elsewhere:
+    another operator's clips measure its own overestimates, and without the stabiliser nothing is counted)."""
+    steps = result.stability_steps
+    if not steps or steps <= 0:
+        return None
+    share = result.clipped_steps / steps
+    return {"clipped_steps": result.clipped_steps, "steps": steps, "share": share, "edge_of_stability": share >= EDGE_SHARE}
+
+
 def spot_check(traj: Trajectory, forget: ForgetSet, result: SweepResult, checks: Sequence[int],
                theta_before: Tensor, theta_after: Tensor, seed: int = 0) -> dict[str, Any]:
     """The report's `quality` entry (see the module docstring). `result.kept` holds the method's
@@ -195,6 +213,7 @@ def spot_check(traj: Trajectory, forget: ForgetSet, result: SweepResult, checks:
         "per_step": rows,
         **losses,
         "gradients": len(rows),
+        "stability": stability_reading(result),
         "meaning": "defect ratio: one exact counterfactual step from the method's own θ̂[t] vs its θ̂[t+1], relative to "
                    "the step's correction (0 = exact, 1 = the step corrected nothing)",
     }
@@ -204,4 +223,5 @@ def quality_summary(quality: dict[str, Any]) -> dict[str, Any]:
     """The spot check's figures for the audit record (the full entry is in unlearn_report.json)."""
     return {"defect_ratio": quality.get("defect_ratio"), "check_steps": quality.get("check_steps"),
             "forget_loss_delta": (quality.get("forget_loss") or {}).get("delta"),
-            "retain_loss_delta": (quality.get("retain_loss") or {}).get("delta")}
+            "retain_loss_delta": (quality.get("retain_loss") or {}).get("delta"),
+            "edge_of_stability": (quality.get("stability") or {}).get("edge_of_stability")}

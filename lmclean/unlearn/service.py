@@ -30,7 +30,7 @@ from lmclean.unlearn.request import OUTSIDE_WINDOW, ForgetSpec, Requester, Resol
 from lmclean.unlearn.storage import exact_states, lossy_store, retention_policy, storage_notes
 from lmclean.unlearn.auto import choose_auto
 from lmclean.unlearn.output import default_out, write_and_audit
-from lmclean.unlearn.quality import check_steps, keep_for, spot_check
+from lmclean.unlearn.quality import check_steps, keep_for, spot_check, stability_reading
 from lmclean.unlearn.trajectory import StoreTrajectory
 
 METHODS = ("lmcleaner", "rollback", "replay", "auto")  # auto: chosen per request (unlearn/auto.py)
@@ -347,7 +347,8 @@ def _compute(p: Prepared, options: UnlearnOptions, progress: Progress | None) ->
     try:
         report["quality"] = spot_check(p.traj, p.forget, result, checks, theta, theta_hat, options.seed)
     except LmcleanError as exc:  # a diagnostic: the unlearning itself stands, and the report says why it has none
-        report["quality"] = {"check_steps": [], "defect_ratio": None, "error": " ".join(str(exc).split())}
+        report["quality"] = {"check_steps": [], "defect_ratio": None, "error": " ".join(str(exc).split()),
+                             "stability": stability_reading(result)}
         report["notes"].append(f"no quality spot check: {report['quality']['error']}")
     report["quality"]["seconds"] = round(time.perf_counter() - began, 3)
     report["lossy_store"], report["exact_states"] = lossy_store(p.store, options.exact_states), options.exact_states
