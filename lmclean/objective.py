@@ -70,6 +70,9 @@ class CausalLMObjective:
         self._attention_mask = (
             torch.arange(L, device=self.input_ids.device)[None, :] < self.lengths[:, None]
         ).long()  # (B, L)
+        # Transformers models (their config has use_cache) build and drop a KV cache on every forward
+        # unless told not to; nothing here decodes. Other modules may not take the keyword.
+        self._no_cache = {"use_cache": False} if getattr(getattr(self.model, "config", None), "use_cache", None) is not None else {}
 
     def outputs(self, params: Params) -> Tensor:
         with _autocast(self.autocast, self.input_ids.device.type):
@@ -77,8 +80,7 @@ class CausalLMObjective:
                 self.model,
                 params,
                 args=(),
-                # use_cache=False: no KV cache is built and dropped on every forward (nothing here decodes)
-                kwargs={"input_ids": self.input_ids, "attention_mask": self._attention_mask, "use_cache": False},
+                kwargs={"input_ids": self.input_ids, "attention_mask": self._attention_mask, **self._no_cache},
                 strict=False,
             ).logits  # (B, L, V)
         out = logits[:, :-1][self._valid]  # (N, V)
