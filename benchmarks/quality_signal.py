@@ -8,6 +8,8 @@ each method once, keeping its state at the sampled steps, and prints per method:
   pooled s=10   √Σ defect² / √Σ correction² at those 10 steps (reported beside it: large corrections dominate)
   forget Δ      the forget-set loss change the report shows (θ̂ vs θ)
   check s       seconds the s=3 check took (its cost: 3 gradients, 4 forward passes, 3 state rebuilds)
+  clipped       the stability reading (ggn, krylov): propagated steps the stabiliser clipped / all, and
+                "edge" where the report calls it the edge of stability; "-" for methods without one
 
   python benchmarks/quality_signal.py --threads 1          # memorise: runs/bench/memorise/{full,retrain}.zarr
   python benchmarks/quality_signal.py --scenario early --threads 1
@@ -75,7 +77,7 @@ def main() -> None:
     print(f"scenario {args.scenario}: {tau} steps, {len(affected)} affected ({first}..{max(affected)}); "
           f"‖θ − θ_retrain‖ = {base:.4g}; reference in {time.perf_counter() - started:.1f} s")
     print(f"{'method':34s} {'residual':>9s} {'defect s=3':>11s} {'defect s=10':>12s} {'pooled s=10':>12s} "
-          f"{'forget Δ':>9s} {'check s':>8s}")
+          f"{'forget Δ':>9s} {'check s':>8s}  clipped")
     for name, run in rows:
         picks = {s: check_steps(first, tau, affected, s, seed=0) for s in (3, 10)}
         result: SweepResult = run(keep_for(sorted(set(picks[3]) | set(picks[10]))))
@@ -85,8 +87,10 @@ def main() -> None:
         q3 = spot_check(traj, forget, result, picks[3], theta, theta_hat)
         seconds = time.perf_counter() - began
         q10 = spot_check(traj, forget, result, picks[10], theta, theta_hat)
+        s = q3["stability"]
+        clipped = "-" if s is None else f"{s['clipped_steps']}/{s['steps']}" + (" edge" if s["edge_of_stability"] else "")
         print(f"{name:34s} {residual:9.3f} {q3['defect_ratio']:11.3f} {q10['defect_ratio']:12.3f} "
-              f"{q10['strata']['pooled']:12.3f} {q3['forget_loss']['delta']:+9.4f} {seconds:8.2f}", flush=True)
+              f"{q10['strata']['pooled']:12.3f} {q3['forget_loss']['delta']:+9.4f} {seconds:8.2f}  {clipped}", flush=True)
 
 
 if __name__ == "__main__":
