@@ -160,6 +160,9 @@ def test_stability_reading_flags_the_run_at_the_edge_of_stability() -> None:
             text = " ".join(quality_lines(quality, "lmcleaner", hvp))
             assert ("edge of stability, where no linearised correction is reliable" in text) is edge
             assert ("use --method replay" in text) is edge and ("not at the edge of stability" in text) is not edge
+            # --check-steps 0: no spot check, and the reading is still shown
+            lines = quality_lines({"check_steps": [], "defect_ratio": None, "stability": reading}, "lmcleaner", hvp)
+            assert lines[0].startswith("quality: no spot check") and lines[1].startswith(("stability:", "[red]stability:"))
 
 
 @pytest.mark.parametrize("settings", [PropagationSettings(K=800, operator=OperatorSettings(hvp="lowrank")),
@@ -170,4 +173,5 @@ def test_no_stability_reading_where_clips_measure_the_operator_or_nothing_is_cli
     run = mlp_run(SGDRule(), lr=0.1)
     result = propagate(run, ForgetSet(sample_ids={3, 7}), settings)
     assert result.stability_steps is None and stability_reading(result) is None
+    assert signal(run, ForgetSet(sample_ids={3, 7}), result, [])["stability"] is None
     assert not any("stability" in line for line in quality_lines({"check_steps": [], "stability": None}))

@@ -24,8 +24,9 @@ def auto_lines(auto: dict[str, Any] | None) -> list[str]:
 
 
 def quality_lines(quality: dict[str, Any] | None, method: str = "", hvp: str | None = None) -> list[str]:
-    """The spot check in one line: the defect ratio, and the forget / retain loss changes. The words
-    stay with what a local check can say (benchmarks/README.md, "Quality spot check")."""
+    """The spot check in one line (the defect ratio, and the forget / retain loss changes), then the
+    stability reading's line where there is one. The words stay with what each check can say
+    (benchmarks/README.md, "Quality spot check")."""
     if not quality or not quality.get("check_steps"):
         return (["quality: no spot check (--check-steps 0, or no step to check)"] + stability_lines(quality)
                 if quality is not None else [])

@@ -178,7 +178,7 @@ def stability_reading(result: SweepResult) -> dict[str, Any] | None:
     """How many propagated steps the stabiliser clipped, where that measures the run (None elsewhere:
     another operator's clips measure its own overestimates, and without the stabiliser nothing is counted)."""
     steps = result.stability_steps
-    if not steps or steps <= 0:
+    if not steps:
         return None
     share = result.clipped_steps / steps
     return {"clipped_steps": result.clipped_steps, "steps": steps, "share": share, "edge_of_stability": share >= EDGE_SHARE}
